@@ -1,0 +1,256 @@
+"""Loss functions for Cross Pseudo Supervision (CPS).
+
+All functions are pure: they take logits and integer label maps and return a scalar tensor. None of them
+synchronises with the host, so they can run every training step without stalling an accelerator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "cross_pseudo_supervision_loss",
+    "ohem_cross_entropy",
+    "pseudo_labels_from_logits",
+    "supervised_cross_entropy",
+    "total_cps_loss",
+]
+
+
+def _check_logits_and_labels(logits: Tensor, labels: Tensor) -> None:
+    if logits.ndim != 4:
+        raise ValueError(
+            f"`logits` must have shape (batch, num_labels, height, width), got {tuple(logits.shape)}."
+        )
+    if labels.ndim != 3:
+        raise ValueError(f"`labels` must have shape (batch, height, width), got {tuple(labels.shape)}.")
+    if logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:
+        raise ValueError(
+            f"`logits` of shape {tuple(logits.shape)} do not match `labels` of shape {tuple(labels.shape)}: "
+            "batch size and spatial size must agree (upsample the logits to the label size first)."
+        )
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"`labels` must be an integer tensor, got dtype {labels.dtype}.")
+
+
+def _masked_mean_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    """Cross-entropy averaged over the pixels whose label is not `ignore_index`.
+
+    Summing and dividing by a clamped count (instead of `reduction="mean"`) gives 0 rather than NaN when every
+    pixel is ignored, without a host-side check; the zero still has a grad_fn, so `backward()` works.
+    """
+    loss_sum = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
+    num_valid = (labels != ignore_index).sum().clamp_min(1)
+    return loss_sum / num_valid
+
+
+def supervised_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+    """Pixel-wise cross-entropy, averaged over the pixels that are not ignored.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, num_labels, height, width)`):
+            Unnormalised class scores, already at the resolution of `labels`.
+        labels (`torch.Tensor` of shape `(batch, height, width)`):
+            Integer ground-truth class indices.
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value of pixels that do not contribute to the loss.
+
+    Returns:
+        `torch.Tensor`: scalar loss. When no pixel is valid the loss is a zero that still carries a gradient.
+
+    Raises:
+        ValueError: if the shapes of `logits` and `labels` do not match or `labels` is not an integer tensor.
+    """
+    _check_logits_and_labels(logits, labels)
+    return _masked_mean_cross_entropy(logits, labels, ignore_index)
+
+
+def ohem_cross_entropy(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = 255,
+    threshold: float = 0.7,
+    min_kept: int = 50_000,
+) -> Tensor:
+    """Online hard example mining (OHEM) cross-entropy, as used for the supervised loss on Cityscapes.
+
+    Among the non-ignored pixels, the softmax probability of the true class is computed (without gradient).
+    Pixels whose probability is above the selection threshold are ignored and plain cross-entropy is averaged
+    over the rest. The selection threshold is `threshold`, raised to the `min_kept`-th smallest true-class
+    probability when that one is larger, so at least `min_kept` pixels are kept (more on ties). When the batch
+    has fewer than `min_kept` valid pixels, all of them are kept. `min_kept` counts pixels over the whole batch
+    given to this function (per process under data parallelism).
+
+    The "fewer than `min_kept` valid pixels" case needs no host-side branch: ignored pixels get probability 1
+    before `kthvalue`, so when fewer than `min_kept` pixels are valid the `min_kept`-th smallest value is one of
+    those 1s, the threshold becomes 1 and every valid pixel (probability <= 1) is kept.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, num_labels, height, width)`):
+            Unnormalised class scores, already at the resolution of `labels`.
+        labels (`torch.Tensor` of shape `(batch, height, width)`):
+            Integer ground-truth class indices.
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value of pixels that never contribute to the loss.
+        threshold (`float`, *optional*, defaults to 0.7):
+            Pixels whose true-class probability is above this value are considered easy and dropped.
+        min_kept (`int`, *optional*, defaults to 50000):
+            Minimum number of pixels kept over the whole batch. 0 disables the minimum.
+
+    Returns:
+        `torch.Tensor`: scalar loss (a zero with a gradient when no pixel is kept).
+
+    Raises:
+        ValueError: for mismatched shapes, a `threshold` outside [0, 1] or a negative `min_kept`.
+    """
+    _check_logits_and_labels(logits, labels)
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"`threshold` must lie in [0, 1], got {threshold}.")
+    if min_kept < 0:
+        raise ValueError(f"`min_kept` must be >= 0, got {min_kept}.")
+
+    with torch.no_grad():
+        valid = labels != ignore_index
+        # Ignored pixels may hold any value (e.g. 255); gather needs an in-range index.
+        safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        true_class_logits = logits.gather(1, safe_labels.unsqueeze(1)).squeeze(1)
+        # (batch, height, width): softmax probability of the true class, without materialising the full softmax.
+        true_class_prob = (true_class_logits - torch.logsumexp(logits, dim=1)).exp()
+        true_class_prob = torch.where(valid, true_class_prob, torch.ones_like(true_class_prob))
+
+        selection_threshold: Tensor | float = threshold
+        if min_kept > 0:
+            flat_prob = true_class_prob.flatten()
+            # k beyond the pixel count means fewer valid pixels than min_kept: the max (a 1) keeps all of them.
+            kth_smallest = flat_prob.kthvalue(min(min_kept, flat_prob.numel())).values
+            selection_threshold = kth_smallest.clamp_min(threshold)
+        kept = valid & (true_class_prob <= selection_threshold)
+        ohem_labels = torch.where(kept, labels, torch.full_like(labels, ignore_index))
+
+    return _masked_mean_cross_entropy(logits, ohem_labels, ignore_index)
+
+
+def pseudo_labels_from_logits(logits: Tensor) -> Tensor:
+    """Hard pseudo-labels (one-hot targets, stored as class indices) from a branch's logits.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, num_labels, height, width)`):
+            Unnormalised class scores.
+
+    Returns:
+        `torch.LongTensor` of shape `(batch, height, width)`: the argmax class per pixel, detached from the graph.
+    """
+    if logits.ndim != 4:
+        raise ValueError(
+            f"`logits` must have shape (batch, num_labels, height, width), got {tuple(logits.shape)}."
+        )
+    return logits.detach().argmax(dim=1)
+
+
+def cross_pseudo_supervision_loss(
+    branch_logits: Sequence[Tensor],
+    pseudo_labels: Sequence[Tensor] | None = None,
+    valid_mask: Tensor | None = None,
+) -> Tensor:
+    """Cross pseudo supervision loss between `n >= 2` branches.
+
+    Branch `i` is trained with cross-entropy on the hard pseudo-label of every other branch `j != i`; the
+    cross-entropies (each a mean over pixels) are summed over ordered pairs `(i, j)` and divided by `n - 1`.
+    For two branches this is exactly `CE(p1, argmax p2) + CE(p2, argmax p1)`, the form of the paper.
+    Pseudo-labels never carry gradients.
+
+    Args:
+        branch_logits (`Sequence[torch.Tensor]`, each of shape `(batch, num_labels, height, width)`):
+            Logits of each branch on the same pixels.
+        pseudo_labels (`Sequence[torch.Tensor]`, each of shape `(batch, height, width)`, *optional*):
+            Precomputed pseudo-labels, one per branch; `pseudo_labels[j]` replaces `argmax(branch_logits[j])`.
+            Needed for CutMix, where pseudo-labels come from the mixed logits of the unmixed images rather than
+            from the logits on the mixed image. Values must lie in `[0, num_labels)`.
+        valid_mask (`torch.BoolTensor` of shape `(batch, height, width)`, *optional*):
+            `True` where a pixel takes part in the loss (e.g. `False` on padding). By default every pixel does.
+
+    Returns:
+        `torch.Tensor`: scalar loss (a zero with a gradient when `valid_mask` excludes every pixel).
+
+    Raises:
+        ValueError: for fewer than two branches or mismatched shapes.
+        TypeError: for non-integer pseudo-labels or a non-boolean `valid_mask`.
+    """
+    num_branches = len(branch_logits)
+    if num_branches < 2:
+        raise ValueError(f"Cross pseudo supervision needs at least 2 branches, got {num_branches}.")
+    logits_shape = branch_logits[0].shape
+    if len(logits_shape) != 4:
+        raise ValueError(
+            f"Branch logits must have shape (batch, num_labels, height, width), got {tuple(logits_shape)}."
+        )
+    for index, logits in enumerate(branch_logits):
+        if logits.shape != logits_shape:
+            raise ValueError(
+                f"All branch logits must share one shape: branch 0 has {tuple(logits_shape)}, "
+                f"branch {index} has {tuple(logits.shape)}."
+            )
+    label_shape = (logits_shape[0], *logits_shape[2:])
+
+    if pseudo_labels is None:
+        targets = [pseudo_labels_from_logits(logits) for logits in branch_logits]
+    else:
+        if len(pseudo_labels) != num_branches:
+            raise ValueError(f"Got {len(pseudo_labels)} pseudo-label maps for {num_branches} branches.")
+        for index, labels in enumerate(pseudo_labels):
+            if tuple(labels.shape) != label_shape:
+                raise ValueError(
+                    f"`pseudo_labels[{index}]` has shape {tuple(labels.shape)}, expected {label_shape}."
+                )
+            if labels.is_floating_point() or labels.dtype == torch.bool:
+                raise TypeError(
+                    f"`pseudo_labels[{index}]` must be an integer tensor, got dtype {labels.dtype}."
+                )
+        targets = [labels.detach().long() for labels in pseudo_labels]
+
+    if valid_mask is None:
+        num_valid = None
+    else:
+        if tuple(valid_mask.shape) != label_shape:
+            raise ValueError(f"`valid_mask` has shape {tuple(valid_mask.shape)}, expected {label_shape}.")
+        if valid_mask.dtype != torch.bool:
+            raise TypeError(f"`valid_mask` must be a boolean tensor, got dtype {valid_mask.dtype}.")
+        # -100 cannot be a class index, so it marks excluded pixels for nll_loss.
+        targets = [torch.where(valid_mask, target, torch.full_like(target, -100)) for target in targets]
+        num_valid = valid_mask.sum().clamp_min(1)
+
+    # One log-softmax per branch, reused for its n - 1 targets.
+    branch_log_probs = [F.log_softmax(logits, dim=1) for logits in branch_logits]
+    pair_losses = []
+    for i, log_probs in enumerate(branch_log_probs):
+        for j, target in enumerate(targets):
+            if i == j:
+                continue
+            if num_valid is None:
+                pair_losses.append(F.nll_loss(log_probs, target))
+            else:
+                pair_losses.append(
+                    F.nll_loss(log_probs, target, ignore_index=-100, reduction="sum") / num_valid
+                )
+    return torch.stack(pair_losses).sum() / (num_branches - 1)
+
+
+def total_cps_loss(supervised: Tensor, cps: Tensor, cps_weight: float) -> Tensor:
+    """Total CPS training objective `supervised + cps_weight * cps`.
+
+    Args:
+        supervised (`torch.Tensor`):
+            Supervised loss, summed over branches (e.g. `CE(p1_l, y) + CE(p2_l, y)`).
+        cps (`torch.Tensor`):
+            Cross pseudo supervision loss from [`cross_pseudo_supervision_loss`].
+        cps_weight (`float`):
+            Weight λ of the CPS term.
+
+    Returns:
+        `torch.Tensor`: the weighted sum.
+    """
+    return supervised + cps_weight * cps

@@ -1,0 +1,393 @@
+"""Cross Pseudo Supervision: several independent DeepLabv3+ branches on a timm backbone."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import timm
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+from .configuration_cps import CPSConfig
+from .losses import supervised_cross_entropy
+
+logger = logging.get_logger(__name__)
+
+LOW_LEVEL_REDUCTION = 4
+
+
+@dataclass
+class CPSSemanticSegmenterOutput(ModelOutput):
+    r"""
+    Output of [`CPSForSemanticSegmentation`], the same in training and evaluation.
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Sum over the branches that ran of their supervised pixel cross-entropy (ignore index honoured).
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels, height, width)`):
+            What inference uses, at the input resolution: the logits of `config.inference_branch`, or for the
+            ensemble the log of the branches' mean softmax probabilities (so `softmax(logits)` is that mean).
+        branch_logits (`tuple(torch.FloatTensor)`, *optional*, returned when `output_branch_logits=True`):
+            One `(batch_size, num_labels, height, width)` tensor per branch that ran.
+        branch_losses (`tuple(torch.FloatTensor)`, *optional*, returned when `labels` is given):
+            The supervised cross-entropy of each branch that ran.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    branch_logits: tuple[torch.FloatTensor, ...] | None = None
+    branch_losses: tuple[torch.FloatTensor, ...] | None = None
+
+
+def create_timm_backbone(config: CPSConfig, pretrained: bool = False, pretrained_file: str | None = None) -> nn.Module:
+    """Builds the `features_only` timm backbone described by `config`, dilated for its output stride."""
+    kwargs = dict(config.backbone_kwargs or {})
+    if config.output_stride is not None:
+        kwargs["output_stride"] = config.output_stride
+    if pretrained_file is not None:
+        kwargs["pretrained_cfg_overlay"] = {"file": pretrained_file}
+    try:
+        backbone = timm.create_model(config.backbone, pretrained=pretrained, features_only=True, **kwargs)
+    except RuntimeError as error:
+        if "Unknown model" in str(error):
+            raise ValueError(f"`backbone={config.backbone!r}` is not a timm model name.") from error
+        raise
+    except (AssertionError, TypeError) as error:
+        if config.output_stride is None:
+            raise
+        raise ValueError(
+            f"timm backbone {config.backbone!r} cannot produce `output_stride={config.output_stride}` "
+            f"({type(error).__name__}: {error}). Set `output_stride=None` (and `multi_grid=None`) to use its "
+            "native strides."
+        ) from error
+    reductions = backbone.feature_info.reduction()
+    if config.output_stride is not None and reductions[-1] != config.output_stride:
+        raise ValueError(
+            f"timm backbone {config.backbone!r} ignored `output_stride={config.output_stride}`: its deepest "
+            f"feature map has stride {reductions[-1]}. Use `output_stride=None` for this backbone."
+        )
+    if LOW_LEVEL_REDUCTION not in reductions:
+        raise ValueError(
+            f"DeepLabv3+ needs a stride-4 feature map, but backbone {config.backbone!r} only offers strides {reductions}."
+        )
+    if config.multi_grid is not None:
+        apply_multi_grid(backbone, config)
+    return backbone
+
+
+def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
+    """Gives block `i` of the last stage dilation `(32 // output_stride) * multi_grid[i]` on its 3x3 convolutions."""
+    last_stage_name = backbone.feature_info.module_name()[-1].replace(".", "_")
+    last_stage = dict(backbone.named_children()).get(last_stage_name)
+    blocks = list(last_stage.children()) if last_stage is not None else []
+    if len(blocks) != len(config.multi_grid):
+        raise ValueError(
+            f"`multi_grid={list(config.multi_grid)}` needs one rate per block of the last stage, but backbone "
+            f"{config.backbone!r} has {len(blocks)} block(s) there. Set `multi_grid=None` for this backbone."
+        )
+    base_dilation = 32 // config.output_stride
+    for block_index, (block, multiplier) in enumerate(zip(blocks, config.multi_grid)):
+        spatial_convs = [
+            module
+            for module in block.modules()
+            if type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
+        ]
+        if not spatial_convs:
+            raise ValueError(
+                f"`multi_grid` supports backbones whose last-stage blocks use plain 3x3 convolutions (ResNet family); "
+                f"block {block_index} of {config.backbone!r} has none. Set `multi_grid=None`."
+            )
+        dilation = base_dilation * multiplier
+        for conv in spatial_convs:
+            conv.dilation = (dilation, dilation)
+            conv.padding = (dilation, dilation)
+
+
+def conv_norm(in_channels: int, out_channels: int, kernel_size: int, config: CPSConfig, dilation: int = 1) -> list[nn.Module]:
+    padding = dilation * (kernel_size // 2)
+    return [
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(out_channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum),
+    ]
+
+
+class CPSAtrousSpatialPyramidPooling(nn.Module):
+    """ASPP as in the CPS network: four parallel convolutions sharing one BatchNorm, plus an *added* image-pooling term."""
+
+    def __init__(self, in_channels: int, config: CPSConfig):
+        super().__init__()
+        channels = config.aspp_channels
+        self.branch_convs = nn.ModuleList(
+            [nn.Conv2d(in_channels, channels, 1, bias=False)]
+            + [
+                nn.Conv2d(in_channels, channels, 3, padding=rate, dilation=rate, bias=False)
+                for rate in config.aspp_dilation_rates
+            ]
+        )
+        self.branch_norm = nn.BatchNorm2d(4 * channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+        self.projection = nn.Conv2d(4 * channels, channels, 1, bias=False)
+        self.pooling_conv = nn.Conv2d(in_channels, channels, 1, bias=False)
+        self.pooling_norm = nn.BatchNorm2d(channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+        self.pooling_projection = nn.Conv2d(channels, channels, 1, bias=False)
+        self.output_norm = nn.BatchNorm2d(channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+        self.activation = nn.LeakyReLU(config.leaky_relu_slope)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        branches = torch.cat([conv(features) for conv in self.branch_convs], dim=1)  # (batch, 4 * channels, h, w)
+        output = self.projection(self.activation(self.branch_norm(branches)))
+        pooled = features.mean(dim=(2, 3), keepdim=True)  # (batch, in_channels, 1, 1)
+        pooled = self.pooling_projection(self.activation(self.pooling_norm(self.pooling_conv(pooled))))
+        return self.activation(self.output_norm(output + pooled))
+
+
+class CPSDecoder(nn.Module):
+    """DeepLabv3+ decoder: fuse the upsampled ASPP output with projected stride-4 features."""
+
+    def __init__(self, low_level_in_channels: int, config: CPSConfig):
+        super().__init__()
+        self.low_level_projection = nn.Sequential(
+            *conv_norm(low_level_in_channels, config.low_level_channels, 1, config), nn.ReLU()
+        )
+        self.fusion = nn.Sequential(
+            *conv_norm(config.aspp_channels + config.low_level_channels, config.decoder_channels, 3, config),
+            nn.ReLU(),
+            *conv_norm(config.decoder_channels, config.decoder_channels, 3, config),
+            nn.ReLU(),
+        )
+
+    def forward(self, aspp_features: torch.Tensor, low_level_features: torch.Tensor) -> torch.Tensor:
+        low_level = self.low_level_projection(low_level_features)  # (batch, low_level_channels, H/4, W/4)
+        aspp_features = F.interpolate(aspp_features, size=low_level.shape[-2:], mode="bilinear", align_corners=True)
+        return self.fusion(torch.cat([aspp_features, low_level], dim=1))
+
+
+class CPSDeepLabV3PlusBranch(nn.Module):
+    """One segmentation network of the CPS pair: timm backbone → ASPP → DeepLabv3+ decoder → classifier."""
+
+    def __init__(self, config: CPSConfig):
+        super().__init__()
+        self.backbone = create_timm_backbone(config)
+        channels = self.backbone.feature_info.channels()
+        reductions = self.backbone.feature_info.reduction()
+        self.low_level_index = reductions.index(LOW_LEVEL_REDUCTION)
+        if config.fuse_feature_pyramid:
+            self.high_level_indices = [i for i, r in enumerate(reductions) if r >= LOW_LEVEL_REDUCTION]
+        else:
+            self.high_level_indices = [len(reductions) - 1]
+        self.aspp = CPSAtrousSpatialPyramidPooling(sum(channels[i] for i in self.high_level_indices), config)
+        self.decoder = CPSDecoder(channels[self.low_level_index], config)
+        self.classifier = nn.Conv2d(config.decoder_channels, config.num_labels, 1)
+        # Native-stride backbones (HRNet) fuse their resolutions by exact up/down-sampling and need inputs that
+        # are a multiple of their deepest stride; dilated backbones take any size.
+        self.input_multiple = max(reductions) if config.output_stride is None else 1
+
+    def head_modules(self) -> list[nn.Module]:
+        return [self.aspp, self.decoder, self.classifier]
+
+    def high_level_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        if len(self.high_level_indices) == 1:
+            return features[self.high_level_indices[0]]
+        finest = features[self.high_level_indices[0]]
+        return torch.cat(
+            [finest]
+            + [
+                F.interpolate(features[i], size=finest.shape[-2:], mode="bilinear", align_corners=True)
+                for i in self.high_level_indices[1:]
+            ],
+            dim=1,
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        height, width = pixel_values.shape[-2:]
+        pad_bottom, pad_right = (-height) % self.input_multiple, (-width) % self.input_multiple
+        if pad_bottom or pad_right:
+            pixel_values = F.pad(pixel_values, (0, pad_right, 0, pad_bottom))
+        features = self.backbone(pixel_values)
+        aspp_features = self.aspp(self.high_level_features(features))
+        decoded = self.decoder(aspp_features, features[self.low_level_index])
+        logits = self.classifier(decoded)  # (batch, num_labels, H/4, W/4)
+        logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=True)
+        return logits[..., :height, :width]
+
+
+class CPSPreTrainedModel(PreTrainedModel):
+    config: CPSConfig
+    config_class = CPSConfig
+    base_model_prefix = "cps"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    # The loss is a plain mean; the Trainer must scale it for gradient accumulation itself.
+    accepts_loss_kwargs = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # Backbone modules are flagged `_is_hf_initialized` at construction and never reach this method, so
+        # their timm (or ImageNet) weights survive `post_init`.
+        if isinstance(module, nn.Conv2d):
+            scheme = self.config.head_init
+            if scheme == "kaiming_normal":
+                init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+            elif scheme == "xavier_normal":
+                init.xavier_normal_(module.weight)
+            elif scheme == "normal":
+                init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+            else:
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+
+
+class CPSForSemanticSegmentation(CPSPreTrainedModel):
+    r"""
+    Cross Pseudo Supervision model: `config.num_branches` independent DeepLabv3+ networks of identical structure.
+    All branches start from the same backbone weights and from independently initialised heads; the branches
+    share no module. `forward` runs every branch (or one, with `branch_index`) and returns
+    [`CPSSemanticSegmenterOutput`] whose `logits` come from `config.inference_branch` or the ensemble.
+
+    Use [`~CPSForSemanticSegmentation.from_timm_pretrained`] to start from ImageNet backbone weights.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from cps_hf import CPSConfig, CPSForSemanticSegmentation
+
+    >>> config = CPSConfig(backbone="test_resnet", num_labels=3, multi_grid=None)
+    >>> model = CPSForSemanticSegmentation(config).eval()
+    >>> outputs = model(torch.randn(1, 3, 64, 64), output_branch_logits=True)
+    >>> outputs.logits.shape, len(outputs.branch_logits)
+    (torch.Size([1, 3, 64, 64]), 2)
+    ```"""
+
+    def __init__(self, config: CPSConfig):
+        super().__init__(config)
+        self.branches = nn.ModuleList([CPSDeepLabV3PlusBranch(config) for _ in range(config.num_branches)])
+        self._share_backbone_initialisation()
+        for branch in self.branches:
+            mark_initialized(branch.backbone)
+        self.post_init()
+
+    def _share_backbone_initialisation(self) -> None:
+        reference_state = self.branches[0].backbone.state_dict()
+        for branch in self.branches[1:]:
+            branch.backbone.load_state_dict(reference_state)
+
+    @classmethod
+    def from_timm_pretrained(cls, config: CPSConfig, pretrained_file: str | None = None) -> CPSForSemanticSegmentation:
+        """
+        Builds a new model whose every branch starts from the timm backbone's ImageNet weights (heads still
+        initialised independently per branch).
+
+        Args:
+            config (`CPSConfig`):
+                The model configuration.
+            pretrained_file (`str`, *optional*):
+                A local weights file for the backbone (anything timm's `pretrained_cfg_overlay=dict(file=...)`
+                loads). Without it the weights are downloaded through timm from the Hugging Face Hub.
+        """
+        model = cls(config)
+        pretrained_state = load_pretrained_backbone_state(config, pretrained_file)
+        for branch in model.branches:
+            branch.backbone.load_state_dict(pretrained_state)
+        return model
+
+    def forward_branch(self, pixel_values: torch.Tensor, branch_index: int) -> torch.Tensor:
+        """Logits `(batch, num_labels, height, width)` of a single branch."""
+        return self.branches[branch_index](pixel_values)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        branch_index: int | None = None,
+        output_branch_logits: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> CPSSemanticSegmenterOutput | tuple:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+                Normalised images.
+            labels (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+                Class ids; `config.semantic_loss_ignore_index` marks pixels without a label.
+            branch_index (`int`, *optional*):
+                Run only this branch; `logits` (and `loss`) are then that branch's.
+            output_branch_logits (`bool`, *optional*, defaults to `False`):
+                Also return the logits of every branch that ran.
+            return_dict (`bool`, *optional*):
+                Return a [`CPSSemanticSegmenterOutput`] (default) instead of a tuple.
+        """
+        if branch_index is not None:
+            if not 0 <= branch_index < len(self.branches):
+                raise ValueError(f"`branch_index` must be in [0, {len(self.branches)}), got {branch_index}.")
+            branch_logits = (self.branches[branch_index](pixel_values),)
+            logits = branch_logits[0]
+        else:
+            branch_logits = tuple(branch(pixel_values) for branch in self.branches)
+            logits = self.combine_branch_logits(branch_logits)
+
+        loss = branch_losses = None
+        if labels is not None:
+            branch_losses = tuple(
+                supervised_cross_entropy(branch_output, labels, self.config.semantic_loss_ignore_index)
+                for branch_output in branch_logits
+            )
+            loss = torch.stack(branch_losses).sum()
+
+        output = CPSSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            branch_logits=branch_logits if output_branch_logits else None,
+            branch_losses=branch_losses,
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        return output if return_dict else output.to_tuple()
+
+    def combine_branch_logits(self, branch_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The inference logits: the configured branch's, or the log of the mean softmax over all branches."""
+        if self.config.inference_branch == "ensemble":
+            probabilities = torch.stack([logits.float().softmax(dim=1) for logits in branch_logits]).mean(dim=0)
+            return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+        return branch_logits[self.config.inference_branch]
+
+
+def mark_initialized(module: nn.Module) -> None:
+    """Flags every submodule, parameter and buffer so transformers' `post_init` leaves them untouched."""
+    for submodule in module.modules():
+        submodule._is_hf_initialized = True
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        tensor._is_hf_initialized = True
+
+
+def load_pretrained_backbone_state(config: CPSConfig, pretrained_file: str | None = None) -> dict[str, torch.Tensor]:
+    """ImageNet weights of the configured timm backbone, as a `features_only` state dict."""
+    try:
+        backbone = create_timm_backbone(config, pretrained=True, pretrained_file=pretrained_file)
+    except (OSError, RuntimeError, ValueError) as error:
+        if pretrained_file is not None:
+            raise OSError(
+                f"Could not load backbone weights for {config.backbone!r} from {pretrained_file!r}: {error}"
+            ) from error
+        raise OSError(
+            f"Could not download ImageNet weights for timm backbone {config.backbone!r} from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}). Check the network (or HF_ENDPOINT), or pass `pretrained_file=` "
+            "a local weights file; train from scratch with `pretrained_backbone=False`."
+        ) from error
+    return backbone.state_dict()
+
+
+__all__ = [
+    "CPSDeepLabV3PlusBranch",
+    "CPSForSemanticSegmentation",
+    "CPSPreTrainedModel",
+    "CPSSemanticSegmenterOutput",
+]
