@@ -99,9 +99,13 @@ class CPSConfig(PreTrainedConfig):
             )
         if self.multi_grid is not None:
             if self.output_stride is None:
-                raise ValueError("`multi_grid` needs a dilated backbone: set `output_stride` to 8 or 16, or `multi_grid=None`.")
+                raise ValueError(
+                    "`multi_grid` needs a dilated backbone: set `output_stride` to 8 or 16, or `multi_grid=None`."
+                )
             if len(self.multi_grid) == 0 or any(rate < 1 for rate in self.multi_grid):
-                raise ValueError(f"`multi_grid` must hold positive dilation multipliers, got {list(self.multi_grid)}.")
+                raise ValueError(
+                    f"`multi_grid` must hold positive dilation multipliers, got {list(self.multi_grid)}."
+                )
         if len(self.aspp_dilation_rates) != 3 or any(rate < 1 for rate in self.aspp_dilation_rates):
             raise ValueError(
                 f"`aspp_dilation_rates` must be three positive rates, got {list(self.aspp_dilation_rates)}."

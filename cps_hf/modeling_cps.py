@@ -44,7 +44,9 @@ class CPSSemanticSegmenterOutput(ModelOutput):
     branch_losses: tuple[torch.FloatTensor, ...] | None = None
 
 
-def create_timm_backbone(config: CPSConfig, pretrained: bool = False, pretrained_file: str | None = None) -> nn.Module:
+def create_timm_backbone(
+    config: CPSConfig, pretrained: bool = False, pretrained_file: str | None = None
+) -> nn.Module:
     """Builds the `features_only` timm backbone described by `config`, dilated for its output stride."""
     kwargs = dict(config.backbone_kwargs or {})
     if config.output_stride is not None:
@@ -108,7 +110,9 @@ def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
             conv.padding = (dilation, dilation)
 
 
-def conv_norm(in_channels: int, out_channels: int, kernel_size: int, config: CPSConfig, dilation: int = 1) -> list[nn.Module]:
+def conv_norm(
+    in_channels: int, out_channels: int, kernel_size: int, config: CPSConfig, dilation: int = 1
+) -> list[nn.Module]:
     padding = dilation * (kernel_size // 2)
     return [
         nn.Conv2d(in_channels, out_channels, kernel_size, padding=padding, dilation=dilation, bias=False),
@@ -129,16 +133,24 @@ class CPSAtrousSpatialPyramidPooling(nn.Module):
                 for rate in config.aspp_dilation_rates
             ]
         )
-        self.branch_norm = nn.BatchNorm2d(4 * channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+        self.branch_norm = nn.BatchNorm2d(
+            4 * channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum
+        )
         self.projection = nn.Conv2d(4 * channels, channels, 1, bias=False)
         self.pooling_conv = nn.Conv2d(in_channels, channels, 1, bias=False)
-        self.pooling_norm = nn.BatchNorm2d(channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+        self.pooling_norm = nn.BatchNorm2d(
+            channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum
+        )
         self.pooling_projection = nn.Conv2d(channels, channels, 1, bias=False)
-        self.output_norm = nn.BatchNorm2d(channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum)
+        self.output_norm = nn.BatchNorm2d(
+            channels, eps=config.batch_norm_eps, momentum=config.batch_norm_momentum
+        )
         self.activation = nn.LeakyReLU(config.leaky_relu_slope)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        branches = torch.cat([conv(features) for conv in self.branch_convs], dim=1)  # (batch, 4 * channels, h, w)
+        branches = torch.cat(
+            [conv(features) for conv in self.branch_convs], dim=1
+        )  # (batch, 4 * channels, h, w)
         output = self.projection(self.activation(self.branch_norm(branches)))
         pooled = features.mean(dim=(2, 3), keepdim=True)  # (batch, in_channels, 1, 1)
         pooled = self.pooling_projection(self.activation(self.pooling_norm(self.pooling_conv(pooled))))
@@ -162,7 +174,9 @@ class CPSDecoder(nn.Module):
 
     def forward(self, aspp_features: torch.Tensor, low_level_features: torch.Tensor) -> torch.Tensor:
         low_level = self.low_level_projection(low_level_features)  # (batch, low_level_channels, H/4, W/4)
-        aspp_features = F.interpolate(aspp_features, size=low_level.shape[-2:], mode="bilinear", align_corners=True)
+        aspp_features = F.interpolate(
+            aspp_features, size=low_level.shape[-2:], mode="bilinear", align_corners=True
+        )
         return self.fusion(torch.cat([aspp_features, low_level], dim=1))
 
 
@@ -283,7 +297,9 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
             branch.backbone.load_state_dict(reference_state)
 
     @classmethod
-    def from_timm_pretrained(cls, config: CPSConfig, pretrained_file: str | None = None) -> CPSForSemanticSegmentation:
+    def from_timm_pretrained(
+        cls, config: CPSConfig, pretrained_file: str | None = None
+    ) -> CPSForSemanticSegmentation:
         """
         Builds a new model whose every branch starts from the timm backbone's ImageNet weights (heads still
         initialised independently per branch).
@@ -355,7 +371,9 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
     def combine_branch_logits(self, branch_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The inference logits: the configured branch's, or the log of the mean softmax over all branches."""
         if self.config.inference_branch == "ensemble":
-            probabilities = torch.stack([logits.float().softmax(dim=1) for logits in branch_logits]).mean(dim=0)
+            probabilities = torch.stack([logits.float().softmax(dim=1) for logits in branch_logits]).mean(
+                dim=0
+            )
             return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
         return branch_logits[self.config.inference_branch]
 
@@ -368,7 +386,9 @@ def mark_initialized(module: nn.Module) -> None:
         tensor._is_hf_initialized = True
 
 
-def load_pretrained_backbone_state(config: CPSConfig, pretrained_file: str | None = None) -> dict[str, torch.Tensor]:
+def load_pretrained_backbone_state(
+    config: CPSConfig, pretrained_file: str | None = None
+) -> dict[str, torch.Tensor]:
     """ImageNet weights of the configured timm backbone, as a `features_only` state dict."""
     try:
         backbone = create_timm_backbone(config, pretrained=True, pretrained_file=pretrained_file)

@@ -104,8 +104,12 @@ def test_faithful_branch_matches_official_layers(backbone, depths):
             assert conv.padding[0] == conv.dilation[0], "3x3 convolutions must keep the spatial size"
     norms = [m for m in branch.modules() if isinstance(m, nn.BatchNorm2d)]
     assert all(norm.eps == 1e-5 and norm.momentum == 0.1 for norm in norms)
-    head_norm_channels = Counter(norm.num_features for norm in branch.aspp.modules() if isinstance(norm, nn.BatchNorm2d))
-    assert head_norm_channels == Counter({1024: 1, 256: 2}), "ASPP: one shared BN over the concat + pooling + output"
+    head_norm_channels = Counter(
+        norm.num_features for norm in branch.aspp.modules() if isinstance(norm, nn.BatchNorm2d)
+    )
+    assert head_norm_channels == Counter({1024: 1, 256: 2}), (
+        "ASPP: one shared BN over the concat + pooling + output"
+    )
     activations = [m for m in branch.aspp.modules() if isinstance(m, nn.LeakyReLU)]
     assert activations and activations[0].negative_slope == 0.01
     assert branch.classifier.bias is not None
@@ -135,7 +139,9 @@ def test_branches_share_backbone_but_not_heads(tiny_config):
     assert not torch.equal(first.classifier.weight, second.classifier.weight)
     assert not torch.equal(first.aspp.projection.weight, second.aspp.projection.weight)
     first_ids = {id(parameter) for parameter in first.parameters()}
-    assert first_ids.isdisjoint(id(parameter) for parameter in second.parameters()), "branches must share no module"
+    assert first_ids.isdisjoint(id(parameter) for parameter in second.parameters()), (
+        "branches must share no module"
+    )
 
 
 def test_head_init_is_kaiming_normal_fan_in():
@@ -143,7 +149,9 @@ def test_head_init_is_kaiming_normal_fan_in():
     conv = CPSForSemanticSegmentation(config).branches[0].aspp.branch_convs[1]  # 3x3, fan_in = 96 * 9
     expected_std = (2.0 / (conv.in_channels * 9)) ** 0.5
     assert abs(conv.weight.std().item() - expected_std) / expected_std < 0.05
-    normal = CPSForSemanticSegmentation(CPSConfig(backbone="test_resnet", num_labels=3, multi_grid=None, head_init="normal"))
+    normal = CPSForSemanticSegmentation(
+        CPSConfig(backbone="test_resnet", num_labels=3, multi_grid=None, head_init="normal")
+    )
     assert abs(normal.branches[0].aspp.branch_convs[1].weight.std().item() - 0.02) < 0.002
 
 
@@ -155,7 +163,9 @@ def test_post_init_does_not_clobber_backbone(tiny_config):
     assert state_dicts_equal(reference, model.branches[0].backbone)
     # timm zero-initialises each block's last BN; transformers' default init would set it to one.
     zero_init_norms = [
-        m for m in model.branches[0].backbone.modules() if isinstance(m, nn.BatchNorm2d) and torch.all(m.weight == 0)
+        m
+        for m in model.branches[0].backbone.modules()
+        if isinstance(m, nn.BatchNorm2d) and torch.all(m.weight == 0)
     ]
     assert len(zero_init_norms) >= 3
 
@@ -233,7 +243,10 @@ def test_remote_code_load_without_cps_hf(tiny_config, tmp_path):
     model = CPSForSemanticSegmentation(tiny_config).eval()
     model.save_pretrained(tmp_path)
     config_json = json.loads((tmp_path / "config.json").read_text())
-    assert config_json["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_cps.CPSForSemanticSegmentation"
+    assert (
+        config_json["auto_map"]["AutoModelForSemanticSegmentation"]
+        == "modeling_cps.CPSForSemanticSegmentation"
+    )
     pixel_values = torch.randn(1, 3, 32, 32)
     torch.save(pixel_values, tmp_path / "input.pt")
     with torch.no_grad():
@@ -252,7 +265,12 @@ def test_remote_code_load_without_cps_hf(tiny_config, tmp_path):
     )
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REMOTE_OK transformers_modules" in result.stdout
@@ -263,7 +281,9 @@ def test_pipeline_returns_named_masks(tiny_config, tmp_path):
     model.save_pretrained(tmp_path)
     create_image_processor(tiny_config).save_pretrained(tmp_path)
     processor_config = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    assert processor_config["image_mean"] == pytest.approx(list(timm.models.get_pretrained_cfg("test_resnet").mean))
+    assert processor_config["image_mean"] == pytest.approx(
+        list(timm.models.get_pretrained_cfg("test_resnet").mean)
+    )
     assert processor_config["do_resize"] is False
     segmenter = pipeline("image-segmentation", model=str(tmp_path))
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45, 3), dtype=np.uint8))
@@ -289,7 +309,9 @@ def test_from_timm_pretrained_local_file_loads_into_every_branch(tiny_config, tm
     torch.save(imagenet_like.state_dict(), weights_file)
     model = CPSForSemanticSegmentation.from_timm_pretrained(tiny_config, pretrained_file=str(weights_file))
     for branch in model.branches:
-        torch.testing.assert_close(branch.backbone.conv1[0].weight, imagenet_like.conv1[0].weight, rtol=0, atol=0)
+        torch.testing.assert_close(
+            branch.backbone.conv1[0].weight, imagenet_like.conv1[0].weight, rtol=0, atol=0
+        )
     assert not torch.equal(model.branches[0].classifier.weight, model.branches[1].classifier.weight)
 
 
@@ -321,7 +343,10 @@ def test_bad_config_types_raise():
     ("overrides", "message"),
     [
         ({"backbone": "not_a_timm_model"}, "not a timm model"),
-        ({"backbone": "hrnet_w18_small", "output_stride": 16, "multi_grid": None}, "cannot produce `output_stride=16`"),
+        (
+            {"backbone": "hrnet_w18_small", "output_stride": 16, "multi_grid": None},
+            "cannot produce `output_stride=16`",
+        ),
         ({"backbone": "test_resnet", "multi_grid": [1, 2, 4]}, "one rate per block"),
         ({"backbone": "convnext_atto", "multi_grid": [1, 2]}, "3x3 convolutions"),
     ],

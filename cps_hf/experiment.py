@@ -1,0 +1,417 @@
+"""One CPS experiment from its arguments: data, model, trainer, results and card. `scripts/train_cps.py` is a
+thin wrapper around [`run_experiment`]."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import yaml
+from transformers import HfArgumentParser, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from .configuration_cps import CPSConfig
+from .data import (
+    SegmentationTransform,
+    SemiSupervisedSegmentationDataset,
+    SupervisedSegmentationDataset,
+    check_columns,
+    collate_semi_supervised,
+    load_segmentation_dataset,
+    select_labeled_indices,
+    split_fingerprint,
+)
+from .image_processing import backbone_normalization, create_image_processor
+from .modelcard import write_model_card
+from .modeling_cps import CPSForSemanticSegmentation
+from .synthetic import SYNTHETIC_CLASS_NAMES
+from .trainer import CPSTrainer, CPSTrainingArguments
+
+logger = logging.get_logger(__name__)
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
+
+
+@dataclass
+class ModelArguments:
+    """Which network to build (or load)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved CPS model (folder or Hub id) to start from instead of a new one."},
+    )
+    backbone: str = field(default="resnet50s", metadata={"help": "timm backbone (features_only capable)."})
+    pretrained_backbone: bool = field(
+        default=True,
+        metadata={"help": "Start every branch from the backbone's ImageNet weights (downloads)."},
+    )
+    pretrained_backbone_file: str | None = field(
+        default=None, metadata={"help": "Local file with the backbone's ImageNet weights (no download)."}
+    )
+    output_stride: int | None = field(default=16, metadata={"help": "8, 16, or null for native strides."})
+    multi_grid: list[int] | None = field(
+        default_factory=lambda: [1, 2, 4],
+        metadata={
+            "help": "Last-stage dilation multipliers, one per block; `0` (or null in a config file): none."
+        },
+    )
+    aspp_dilation_rates: list[int] = field(
+        default_factory=lambda: [6, 12, 18], metadata={"help": "ASPP rates."}
+    )
+    aspp_channels: int = field(default=256, metadata={"help": "ASPP channels."})
+    low_level_channels: int = field(default=48, metadata={"help": "Decoder low-level projection channels."})
+    decoder_channels: int = field(default=256, metadata={"help": "Decoder channels."})
+    num_branches: int = field(default=2, metadata={"help": "Number of branches (2 = CPS, more = n-CPS)."})
+    inference_branch: str = field(
+        default="0", metadata={"help": "Branch index used for inference, or 'ensemble'."}
+    )
+    backbone_kwargs: dict | None = field(
+        default=None, metadata={"help": "Extra timm.create_model arguments."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the images and masks come from and how they are split and augmented."""
+
+    dataset_name: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' (built in), a save_to_disk/parquet/imagefolder folder, or a Hub id."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column."})
+    label_column: str = field(default="label", metadata={"help": "Mask column (class ids, 255 = ignore)."})
+    id_column: str = field(default="id", metadata={"help": "Sample id column (used by --labeled_ids_file)."})
+    train_split: str = field(default="train", metadata={"help": "Training split."})
+    eval_split: str | None = field(
+        default="validation", metadata={"help": "Evaluation split ('none' or null: no evaluation)."}
+    )
+    unlabeled_dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "Separate image-only dataset for the unlabelled set (default: rest of train)."},
+    )
+    unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset_name."})
+    labeled_ids_file: str | None = field(
+        default=None, metadata={"help": "File with one labelled id per line."}
+    )
+    labeled_fraction: float | None = field(
+        default=None, metadata={"help": "Fraction of train that is labelled."}
+    )
+    labeled_count: int | None = field(default=None, metadata={"help": "Number of labelled training rows."})
+    split_seed: int = field(default=0, metadata={"help": "Seed of the labelled subset for fraction/count."})
+    class_names: list[str] | None = field(
+        default=None,
+        metadata={"help": "Class names in id order (default: from the dataset or generic names)."},
+    )
+    num_labels: int | None = field(
+        default=None, metadata={"help": "Number of classes when no names are given."}
+    )
+    crop_size: int = field(default=512, metadata={"help": "Training crop size (square)."})
+    scales: list[float] = field(
+        default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 1.75, 2.0], metadata={"help": "Random scale factors."}
+    )
+    eval_size: int | None = field(
+        default=None, metadata={"help": "Resize evaluation images to this square size."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Evaluate on at most this many rows."}
+    )
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache folder for datasets (and the synthetic data)."}
+    )
+    synthetic_num_train: int = field(default=512, metadata={"help": "Synthetic data: training images."})
+    synthetic_num_val: int = field(default=128, metadata={"help": "Synthetic data: validation images."})
+    synthetic_image_size: int = field(default=64, metadata={"help": "Synthetic data: image size."})
+
+    def __post_init__(self):
+        if self.eval_split is not None and self.eval_split.lower() in ("", "none", "null"):
+            self.eval_split = None
+        chosen = [self.labeled_ids_file, self.labeled_fraction, self.labeled_count]
+        if sum(option is not None for option in chosen) != 1:
+            raise ValueError(
+                "Choose the labelled subset with exactly one of --labeled_ids_file, --labeled_fraction, "
+                f"--labeled_count (got {chosen})."
+            )
+
+
+def parse_experiment_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, CPSTrainingArguments, Path]:
+    """Parses `[CONFIG.yaml|CONFIG.json] [--field value ...]`: the config file's values are the defaults, command-line
+    flags override them. Without a config file the built-in demo config is the base."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path = DEFAULT_CONFIG
+    if argv and not argv[0].startswith("-"):
+        config_path = Path(argv.pop(0))
+    parser = HfArgumentParser((ModelArguments, DataArguments, CPSTrainingArguments))
+    config_values = load_config_file(config_path)
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(set(config_values) - known)
+    if unknown:
+        raise ValueError(f"Unknown keys in {config_path}: {unknown}.")
+    parser.set_defaults(**config_values)
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    return model_args, data_args, training_args, config_path
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    text = path.read_text()
+    values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of argument names to values.")
+    return values
+
+
+def resolve_class_names(data_args: DataArguments, train_dataset: datasets.Dataset) -> list[str]:
+    if data_args.class_names:
+        return list(data_args.class_names)
+    if data_args.dataset_name in (None, "synthetic"):
+        return list(SYNTHETIC_CLASS_NAMES)
+    description = train_dataset.info.description or ""
+    try:
+        names = json.loads(description).get("class_names")
+    except (json.JSONDecodeError, AttributeError):
+        names = None
+    if names:
+        return list(names)
+    if data_args.num_labels is None:
+        raise ValueError(
+            f"Dataset {data_args.dataset_name!r} does not name its classes: pass --class_names or --num_labels."
+        )
+    return [f"class_{index}" for index in range(data_args.num_labels)]
+
+
+def build_model(model_args: ModelArguments, class_names: list[str]) -> CPSForSemanticSegmentation:
+    id2label = dict(enumerate(class_names))
+    label2id = {name: index for index, name in id2label.items()}
+    if model_args.model_name_or_path is not None:
+        model = CPSForSemanticSegmentation.from_pretrained(model_args.model_name_or_path)
+        if model.config.num_labels != len(class_names):
+            raise ValueError(
+                f"{model_args.model_name_or_path} predicts {model.config.num_labels} classes but the dataset has "
+                f"{len(class_names)} ({class_names})."
+            )
+        return model
+    multi_grid = model_args.multi_grid if model_args.multi_grid and 0 not in model_args.multi_grid else None
+    inference_branch = (
+        "ensemble" if model_args.inference_branch == "ensemble" else int(model_args.inference_branch)
+    )
+    config = CPSConfig(
+        backbone=model_args.backbone,
+        backbone_kwargs=model_args.backbone_kwargs,
+        output_stride=model_args.output_stride,
+        multi_grid=multi_grid,
+        aspp_dilation_rates=model_args.aspp_dilation_rates,
+        aspp_channels=model_args.aspp_channels,
+        low_level_channels=model_args.low_level_channels,
+        decoder_channels=model_args.decoder_channels,
+        num_branches=model_args.num_branches,
+        inference_branch=inference_branch,
+        id2label=id2label,
+        label2id=label2id,
+    )
+    if model_args.pretrained_backbone or model_args.pretrained_backbone_file:
+        return CPSForSemanticSegmentation.from_timm_pretrained(config, model_args.pretrained_backbone_file)
+    return CPSForSemanticSegmentation(config)
+
+
+@dataclass
+class ExperimentData:
+    train_dataset: SemiSupervisedSegmentationDataset | SupervisedSegmentationDataset
+    eval_dataset: SupervisedSegmentationDataset | None
+    class_names: list[str]
+    num_labeled: int
+    num_unlabeled: int
+    split_fingerprint: str
+
+
+def build_data(
+    data_args: DataArguments, training_args: CPSTrainingArguments, backbone: str
+) -> ExperimentData:
+    synthetic_kwargs = {}
+    if data_args.dataset_name in (None, "synthetic"):
+        synthetic_kwargs = dict(
+            num_train=data_args.synthetic_num_train,
+            num_val=data_args.synthetic_num_val,
+            image_size=data_args.synthetic_image_size,
+        )
+    dataset_dict = load_segmentation_dataset(
+        data_args.dataset_name, cache_dir=data_args.cache_dir, **synthetic_kwargs
+    )
+    if data_args.train_split not in dataset_dict:
+        raise ValueError(
+            f"Dataset {data_args.dataset_name!r} has no split {data_args.train_split!r}; "
+            f"available: {sorted(dataset_dict)}."
+        )
+    train_split = dataset_dict[data_args.train_split]
+    check_columns(train_split, data_args.image_column, data_args.label_column)
+    class_names = resolve_class_names(data_args, train_split)
+    labeled_indices = select_labeled_indices(
+        train_split,
+        labeled_ids_file=data_args.labeled_ids_file,
+        labeled_fraction=data_args.labeled_fraction,
+        labeled_count=data_args.labeled_count,
+        split_seed=data_args.split_seed,
+        id_column=data_args.id_column,
+    )
+    mean, std = backbone_normalization(backbone)
+    train_transform = SegmentationTransform(
+        train=True, crop_size=data_args.crop_size, scales=data_args.scales, mean=mean, std=std
+    )
+    common = dict(
+        image_column=data_args.image_column,
+        label_column=data_args.label_column,
+        id_column=data_args.id_column,
+    )
+    if training_args.supervised_only:
+        train_dataset = SupervisedSegmentationDataset(
+            train_split,
+            labeled_indices,
+            num_labels=len(class_names),
+            transform=train_transform,
+            seed=training_args.seed,
+            split_name=data_args.train_split,
+            **common,
+        )
+        num_unlabeled = 0
+    else:
+        unlabeled_dataset = None
+        if data_args.unlabeled_dataset_name is not None:
+            unlabeled_dataset = load_segmentation_dataset(
+                data_args.unlabeled_dataset_name, cache_dir=data_args.cache_dir
+            )[data_args.unlabeled_split]
+        train_dataset = SemiSupervisedSegmentationDataset(
+            train_split,
+            labeled_indices,
+            transform=train_transform,
+            num_labels=len(class_names),
+            unlabeled_dataset=unlabeled_dataset,
+            cutmix=training_args.cutmix,
+            seed=training_args.seed,
+            labeled_split_name=data_args.train_split,
+            **common,
+        )
+        num_unlabeled = train_dataset.num_unlabeled
+
+    eval_dataset = None
+    if data_args.eval_split is not None:
+        if data_args.eval_split not in dataset_dict:
+            raise ValueError(
+                f"Dataset {data_args.dataset_name!r} has no split {data_args.eval_split!r}; "
+                f"available: {sorted(dataset_dict)}."
+            )
+        eval_split = dataset_dict[data_args.eval_split]
+        eval_indices = None
+        if data_args.max_eval_samples is not None:
+            eval_indices = list(range(min(data_args.max_eval_samples, len(eval_split))))
+        eval_transform = SegmentationTransform(train=False, mean=mean, std=std, eval_size=data_args.eval_size)
+        eval_dataset = SupervisedSegmentationDataset(
+            eval_split,
+            eval_indices,
+            num_labels=len(class_names),
+            transform=eval_transform,
+            split_name=data_args.eval_split,
+            **common,
+        )
+    return ExperimentData(
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        class_names=class_names,
+        num_labeled=len(labeled_indices),
+        num_unlabeled=num_unlabeled,
+        split_fingerprint=split_fingerprint(labeled_indices),
+    )
+
+
+def run_experiment(
+    model_args: ModelArguments, data_args: DataArguments, training_args: CPSTrainingArguments
+) -> dict[str, Any]:
+    """Trains, evaluates and saves one CPS model; returns the final metrics."""
+    set_seed(training_args.seed)
+    output_dir = Path(training_args.output_dir)
+    last_checkpoint = None
+    if training_args.do_train and output_dir.is_dir() and training_args.resume_from_checkpoint is None:
+        last_checkpoint = get_last_checkpoint(str(output_dir))
+        if (
+            last_checkpoint is None
+            and (output_dir / "model.safetensors").exists()
+            and not training_args.overwrite_output_dir
+        ):
+            raise ValueError(
+                f"{output_dir} already holds a trained model; pass --overwrite_output_dir true or another --output_dir."
+            )
+        if last_checkpoint is not None:
+            logger.warning(f"Resuming from the latest checkpoint in {output_dir}: {last_checkpoint}.")
+
+    data = build_data(data_args, training_args, model_args.backbone)
+    model = build_model(model_args, data.class_names)
+    image_processor = create_image_processor(model.config)
+    trainer = CPSTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=data.train_dataset,
+        eval_dataset=data.eval_dataset,
+        data_collator=collate_semi_supervised,
+        processing_class=image_processor,
+    )
+    results: dict[str, Any] = {}
+    if training_args.do_train:
+        resume = training_args.resume_from_checkpoint or last_checkpoint
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+        results.update(
+            {f"train_{k}" if not k.startswith("train") else k: v for k, v in train_result.metrics.items()}
+        )
+    if data.eval_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        results.update(eval_metrics)
+    if trainer.is_world_process_zero():
+        recipe = {
+            "model": asdict(model_args),
+            "data": asdict(data_args),
+            "num_labeled": data.num_labeled,
+            "num_unlabeled": data.num_unlabeled,
+            "split_fingerprint": data.split_fingerprint,
+            "training": {
+                key: getattr(training_args, key)
+                for key in (
+                    "cps_weight",
+                    "cutmix",
+                    "supervised_only",
+                    "supervised_loss",
+                    "pseudo_label_mode",
+                    "learning_rate",
+                    "weight_decay",
+                    "max_steps",
+                    "num_train_epochs",
+                    "per_device_train_batch_size",
+                    "gradient_accumulation_steps",
+                    "seed",
+                )
+            },
+            "world_size": training_args.world_size,
+        }
+        (output_dir / "cps_recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
+        write_model_card(output_dir, model.config, recipe, results)
+    return results
+
+
+__all__ = [
+    "DataArguments",
+    "ModelArguments",
+    "build_data",
+    "build_model",
+    "parse_experiment_arguments",
+    "run_experiment",
+]

@@ -1,0 +1,305 @@
+"""CPS training on top of the 🤗 Trainer: the semi-supervised step, its arguments and its logging."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.utils import logging
+
+from .losses import cross_pseudo_supervision_loss, ohem_cross_entropy, supervised_cross_entropy
+from .masking import mix_with_mask
+from .metrics import make_compute_metrics
+from .modeling_cps import CPSSemanticSegmenterOutput
+
+logger = logging.get_logger(__name__)
+
+PSEUDO_LABEL_MODES = ("train", "eval")
+SUPERVISED_LOSSES = ("ce", "ohem")
+
+
+@dataclass
+class CPSTrainingArguments(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for Cross Pseudo Supervision, with defaults that make CPS work out of the
+    box: SGD (momentum 0.9), poly learning-rate decay (power 0.9), no weight decay on biases and norm layers,
+    `remove_unused_columns=False` (the unlabelled images are not forward arguments and must not be dropped),
+    streaming evaluation metrics and no unused-parameter search under DDP.
+
+    Args:
+        cps_weight (`float`, *optional*, defaults to 1.5):
+            λ, the weight of the CPS loss: `loss = L_sup + λ · L_cps` (paper: VOC 1.5 plain / 1.0 CutMix;
+            Cityscapes 6 / 5).
+        cutmix (`bool`, *optional*, defaults to `False`):
+            CutMix variant: pseudo-labels made on two unlabelled images and mixed with a box mask, students see the
+            mixed image. Otherwise the plain variant: CPS over labelled + unlabelled images.
+        supervised_only (`bool`, *optional*, defaults to `False`):
+            The paper's baseline through the same code path: labelled images only, no CPS term (λ = 0).
+        supervised_loss (`str`, *optional*, defaults to `"ce"`):
+            `"ce"` or `"ohem"` (online hard example mining, the Cityscapes recipe) for the supervised term.
+        ohem_threshold (`float`, *optional*, defaults to 0.7):
+            OHEM probability threshold.
+        ohem_min_kept (`int`, *optional*, defaults to 50000):
+            OHEM minimum number of kept pixels per device and step.
+        pseudo_label_mode (`str`, *optional*, defaults to `"train"`):
+            BatchNorm mode of the no-grad teacher passes that make CutMix pseudo-labels: `"train"` (official; batch
+            statistics, running statistics updated) or `"eval"` (running statistics).
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow a new run to replace a final model already saved in `output_dir` (checkpoints there are resumed
+            from, never discarded).
+    """
+
+    cps_weight: float = field(
+        default=1.5, metadata={"help": "λ: weight of the CPS loss (loss = L_sup + λ·L_cps)."}
+    )
+    cutmix: bool = field(default=False, metadata={"help": "Use the CutMix variant of CPS."})
+    supervised_only: bool = field(
+        default=False,
+        metadata={"help": "Train the supervised-only baseline (labelled data only, no CPS term)."},
+    )
+    supervised_loss: str = field(default="ce", metadata={"help": "Supervised loss: 'ce' or 'ohem'."})
+    ohem_threshold: float = field(default=0.7, metadata={"help": "OHEM probability threshold."})
+    ohem_min_kept: int = field(
+        default=50_000, metadata={"help": "OHEM minimum kept pixels per device and step."}
+    )
+    pseudo_label_mode: str = field(
+        default="train", metadata={"help": "BatchNorm mode of the CutMix teacher passes: 'train' or 'eval'."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow replacing a trained model already saved in `output_dir`."}
+    )
+
+    # Defaults of the official recipe, and those without which CPS silently degrades.
+    do_train: bool = field(default=True, metadata={"help": "Train (set false to only evaluate)."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: CPS batches carry extra keys."}
+    )
+    optim: str = field(default="sgd", metadata={"help": "Optimizer (the paper: SGD with momentum 0.9)."})
+    optim_args: str | None = field(default="momentum=0.9", metadata={"help": "Optimizer arguments."})
+    learning_rate: float = field(default=0.0025, metadata={"help": "Initial learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "Weight decay of conv/linear weights only."})
+    lr_scheduler_type: str = field(default="polynomial", metadata={"help": "Learning-rate schedule."})
+    lr_scheduler_kwargs: dict | str | None = field(
+        default_factory=lambda: {"power": 0.9, "lr_end": 0.0},
+        metadata={"help": "Learning-rate schedule arguments (poly decay, power 0.9, down to 0)."},
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False, metadata={"help": "Every step uses every parameter: no unused-parameter search."}
+    )
+    batch_eval_metrics: bool = field(
+        default=True, metadata={"help": "Streaming confusion-matrix evaluation."}
+    )
+
+    def __post_init__(self):
+        if self.supervised_loss not in SUPERVISED_LOSSES:
+            raise ValueError(
+                f"`supervised_loss` must be one of {SUPERVISED_LOSSES}, got {self.supervised_loss!r}."
+            )
+        if self.pseudo_label_mode not in PSEUDO_LABEL_MODES:
+            raise ValueError(
+                f"`pseudo_label_mode` must be one of {PSEUDO_LABEL_MODES}, got {self.pseudo_label_mode!r}."
+            )
+        if self.cps_weight < 0:
+            raise ValueError(f"`cps_weight` must be >= 0, got {self.cps_weight}.")
+        if self.supervised_only and self.cutmix:
+            raise ValueError("`supervised_only` and `cutmix` exclude each other.")
+        super().__post_init__()
+
+
+class EpochForwardingCallback(TrainerCallback):
+    """Tells the training dataset which epoch starts, so its per-item augmentation seeds follow the epoch.
+
+    accelerate forwards `set_epoch` to the dataset only in some set-ups (not when the sampler has its own), so the
+    trainer does it explicitly."""
+
+    def __init__(self, trainer: CPSTrainer):
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        dataset = self.trainer.train_dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(math.floor(state.epoch + 1e-6) if state.epoch else 0)
+
+
+class CPSTrainer(Trainer):
+    """
+    [`~transformers.Trainer`] running the Cross Pseudo Supervision step.
+
+    Training batches come from [`~cps_hf.data.SemiSupervisedSegmentationDataset`]: `pixel_values` and `labels`
+    (labelled), `unlabeled_pixel_values` and, for CutMix, `mix_unlabeled_pixel_values` and `cutmix_masks`.
+    Evaluation batches (`pixel_values`, `labels`) go through the same `compute_loss` and are scored with a
+    streaming confusion matrix. Every loss term is logged: `loss_supervised_branch_<i>`, `loss_cps`.
+
+    The model is always called through its (possibly DDP-wrapped) `forward`, once per image batch with every
+    branch, so distributed gradient synchronisation sees every pass.
+    """
+
+    # `compute_loss` returns a per-batch mean; the Trainer divides it for gradient accumulation.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, **kwargs):
+        training_args = kwargs.get("args")
+        model = kwargs.get("model")
+        if training_args is not None and not isinstance(training_args, CPSTrainingArguments):
+            raise TypeError(f"CPSTrainer needs CPSTrainingArguments, got {type(training_args).__name__}.")
+        if model is not None and kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = make_compute_metrics(
+                num_labels=model.config.num_labels,
+                ignore_index=model.config.semantic_loss_ignore_index,
+                id2label=model.config.id2label,
+            )
+            kwargs.setdefault("preprocess_logits_for_metrics", predictions_from_logits)
+        super().__init__(*args, **kwargs)
+        self._loss_term_sums: dict[str, torch.Tensor] = {}
+        self._loss_term_count = 0
+        self.add_callback(EpochForwardingCallback(self))
+        if self.args.world_size > 1 and self.args.device.type == "cuda":
+            # BatchNorm statistics over the global batch, as the paper's Sync-BN.
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Only convolution and linear weights decay; biases and every norm layer's parameters do not."""
+        decayed_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+        return [
+            f"{module_name}.{parameter_name}" if module_name else parameter_name
+            for module_name, module in model.named_modules()
+            if isinstance(module, decayed_types)
+            for parameter_name, _ in module.named_parameters(recurse=False)
+            if parameter_name == "weight"
+        ]
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, CPSSemanticSegmenterOutput]:
+        if not model.training:
+            return self._evaluation_loss(model, inputs, return_outputs)
+        loss, loss_terms, outputs = self.cps_step_loss(model, inputs)
+        self._accumulate_loss_terms(loss_terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _evaluation_loss(self, model, inputs, return_outputs):
+        outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))
+        outputs = CPSSemanticSegmenterOutput(loss=outputs.loss, logits=outputs.logits)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        ignore_index = self.model.config.semantic_loss_ignore_index
+        if self.args.supervised_loss == "ohem":
+            return ohem_cross_entropy(
+                logits,
+                labels,
+                ignore_index,
+                threshold=self.args.ohem_threshold,
+                min_kept=self.args.ohem_min_kept,
+            )
+        return supervised_cross_entropy(logits, labels, ignore_index)
+
+    def cps_step_loss(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], CPSSemanticSegmenterOutput]:
+        """The loss of one training step, its named terms (detached) and the labelled-batch outputs."""
+        labels = inputs["labels"]
+        cps_loss = None
+        if self.args.supervised_only:
+            labeled_logits = model(
+                pixel_values=inputs["pixel_values"], output_branch_logits=True
+            ).branch_logits
+        elif self.args.cutmix:
+            missing = {"unlabeled_pixel_values", "mix_unlabeled_pixel_values", "cutmix_masks"} - inputs.keys()
+            if missing:
+                raise ValueError(
+                    f"CutMix CPS batches need {sorted(missing)}; build the dataset with `cutmix=True`."
+                )
+            with torch.no_grad(), self._teacher_mode(model):
+                teacher_logits = model(
+                    pixel_values=inputs["unlabeled_pixel_values"], output_branch_logits=True
+                )
+                partner_logits = model(
+                    pixel_values=inputs["mix_unlabeled_pixel_values"], output_branch_logits=True
+                )
+            masks = inputs["cutmix_masks"]
+            pseudo_labels = [
+                mix_with_mask(source, partner, masks).argmax(dim=1)
+                for source, partner in zip(teacher_logits.branch_logits, partner_logits.branch_logits)
+            ]
+            mixed_images = mix_with_mask(
+                inputs["unlabeled_pixel_values"], inputs["mix_unlabeled_pixel_values"], masks
+            )
+            student_logits = model(pixel_values=mixed_images, output_branch_logits=True).branch_logits
+            cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels)
+            labeled_logits = model(
+                pixel_values=inputs["pixel_values"], output_branch_logits=True
+            ).branch_logits
+        else:
+            if "unlabeled_pixel_values" not in inputs:
+                raise ValueError(
+                    "CPS batches need `unlabeled_pixel_values`; check `remove_unused_columns=False`."
+                )
+            labeled_logits = model(
+                pixel_values=inputs["pixel_values"], output_branch_logits=True
+            ).branch_logits
+            unlabeled_logits = model(pixel_values=inputs["unlabeled_pixel_values"], output_branch_logits=True)
+            cps_loss = cross_pseudo_supervision_loss(
+                [
+                    torch.cat([labeled, unlabeled], dim=0)
+                    for labeled, unlabeled in zip(labeled_logits, unlabeled_logits.branch_logits)
+                ]
+            )
+
+        supervised_terms = [self.supervised_loss(logits, labels) for logits in labeled_logits]
+        loss = torch.stack(supervised_terms).sum()
+        loss_terms = {f"loss_supervised_branch_{i}": term.detach() for i, term in enumerate(supervised_terms)}
+        if cps_loss is not None:
+            loss = loss + self.args.cps_weight * cps_loss
+            loss_terms["loss_cps"] = cps_loss.detach()
+        outputs = CPSSemanticSegmenterOutput(
+            loss=loss, logits=labeled_logits[0], branch_logits=labeled_logits
+        )
+        return loss, loss_terms, outputs
+
+    @contextlib.contextmanager
+    def _teacher_mode(self, model: nn.Module) -> Iterator[None]:
+        if self.args.pseudo_label_mode == "train":
+            yield
+            return
+        model.eval()
+        try:
+            yield
+        finally:
+            model.train()
+
+    def _accumulate_loss_terms(self, loss_terms: dict[str, torch.Tensor]) -> None:
+        for name, value in loss_terms.items():
+            self._loss_term_sums[name] = self._loss_term_sums.get(name, 0.0) + value.float()
+        self._loss_term_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs carry "loss"; add the mean of each term since the last log, reduced over processes
+        # (every process reaches this call, so the reduction is collective).
+        if "loss" in logs and self._loss_term_count:
+            names = sorted(self._loss_term_sums)
+            means = torch.stack([self._loss_term_sums[name] for name in names]) / self._loss_term_count
+            means = self.accelerator.reduce(means, reduction="mean").tolist()
+            logs.update({name: round(value, 4) for name, value in zip(names, means)})
+            self._loss_term_sums, self._loss_term_count = {}, 0
+        super().log(logs, start_time)
+
+
+def predictions_from_logits(logits: Any, labels: torch.Tensor) -> torch.Tensor:
+    """Argmax on the device before evaluation gathers anything: `num_labels` times less to move."""
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    return logits.argmax(dim=1)
+
+
+__all__ = ["CPSTrainer", "CPSTrainingArguments", "predictions_from_logits"]

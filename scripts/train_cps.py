@@ -1,0 +1,23 @@
+"""Train a Cross Pseudo Supervision model.
+
+    accelerate launch scripts/train_cps.py                         # the built-in demo (cps_hf/configs/demo.yaml)
+    accelerate launch scripts/train_cps.py --supervised_only true  # its supervised-only baseline
+    accelerate launch scripts/train_cps.py scripts/configs/camvid.yaml --output_dir runs/camvid
+
+A YAML/JSON config file gives the defaults, command-line flags override them. Also runs under plain `python` and
+`torchrun`.
+"""
+
+from cps_hf.experiment import parse_experiment_arguments, run_experiment
+
+
+def main() -> None:
+    model_args, data_args, training_args, config_path = parse_experiment_arguments()
+    print(f"Config: {config_path}")
+    results = run_experiment(model_args, data_args, training_args)
+    if training_args.process_index == 0 and "eval_mean_iou" in results:
+        print(f"val mIoU: {100 * results['eval_mean_iou']:.2f}%  model saved to: {training_args.output_dir}")
+
+
+if __name__ == "__main__":
+    main()

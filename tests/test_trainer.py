@@ -1,0 +1,401 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from cps_hf import CPSConfig, CPSForSemanticSegmentation
+from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset, collate_semi_supervised
+from cps_hf.experiment import parse_experiment_arguments, run_experiment
+from cps_hf.losses import cross_pseudo_supervision_loss, supervised_cross_entropy
+from cps_hf.masking import mix_with_mask
+from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
+from cps_hf.trainer import CPSTrainer, CPSTrainingArguments
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
+
+
+@pytest.fixture(scope="module")
+def synthetic_cache(tmp_path_factory) -> Path:
+    cache_dir = tmp_path_factory.mktemp("synthetic_cache")
+    make_synthetic_segmentation_dataset(
+        num_train=16, num_val=4, image_size=32, seed=0, cache_dir=str(cache_dir)
+    )
+    return cache_dir
+
+
+@pytest.fixture(scope="module")
+def synthetic_splits(synthetic_cache):
+    return make_synthetic_segmentation_dataset(
+        num_train=16, num_val=4, image_size=32, seed=0, cache_dir=str(synthetic_cache)
+    )
+
+
+def small_model() -> CPSForSemanticSegmentation:
+    config = CPSConfig(
+        backbone="test_resnet",
+        num_labels=NUM_LABELS,
+        multi_grid=None,
+        aspp_channels=16,
+        low_level_channels=8,
+        decoder_channels=16,
+        id2label=dict(enumerate(SYNTHETIC_CLASS_NAMES)),
+        label2id={name: index for index, name in enumerate(SYNTHETIC_CLASS_NAMES)},
+    )
+    return CPSForSemanticSegmentation(config)
+
+
+def paired_dataset(splits, cutmix: bool = False) -> SemiSupervisedSegmentationDataset:
+    transform = SegmentationTransform(train=True, crop_size=24, scales=(1.0, 1.25))
+    return SemiSupervisedSegmentationDataset(
+        splits["train"], [0, 1, 2, 3], transform=transform, num_labels=NUM_LABELS, cutmix=cutmix
+    )
+
+
+def training_arguments(output_dir: Path, **overrides) -> CPSTrainingArguments:
+    values = dict(
+        output_dir=str(output_dir),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    values.update(overrides)
+    return CPSTrainingArguments(**values)
+
+
+def test_defaults_make_cps_work_out_of_the_box(tmp_path):
+    args = CPSTrainingArguments(output_dir=str(tmp_path))
+    assert args.remove_unused_columns is False
+    assert args.optim == "sgd" and "momentum=0.9" in args.optim_args
+    assert args.lr_scheduler_type == "polynomial"
+    assert args.lr_scheduler_kwargs == {"power": 0.9, "lr_end": 0.0}
+    assert args.ddp_find_unused_parameters is False
+    assert args.batch_eval_metrics is True
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"supervised_loss": "focal"}, "supervised_loss"),
+        ({"pseudo_label_mode": "ema"}, "pseudo_label_mode"),
+        ({"cps_weight": -1.0}, "cps_weight"),
+        ({"supervised_only": True, "cutmix": True}, "exclude each other"),
+    ],
+)
+def test_bad_training_arguments(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        CPSTrainingArguments(output_dir=str(tmp_path), **overrides)
+
+
+def test_no_weight_decay_on_biases_and_norms(tmp_path, synthetic_splits):
+    model = small_model()
+    trainer = CPSTrainer(
+        model=model, args=training_arguments(tmp_path), train_dataset=paired_dataset(synthetic_splits)
+    )
+    decayed = set(trainer.get_decay_parameter_names(model))
+    for name, _ in model.named_parameters():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        is_conv_weight = isinstance(module, nn.Conv2d) and name.endswith("weight")
+        assert (name in decayed) == is_conv_weight, name
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["momentum"] == 0.9
+
+
+def test_plain_cps_loss_matches_hand_computation(tmp_path, synthetic_splits):
+    model = small_model().train()
+    trainer = CPSTrainer(
+        model=model, args=training_arguments(tmp_path), train_dataset=paired_dataset(synthetic_splits)
+    )
+    batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
+    torch.manual_seed(0)
+    loss, terms, _ = trainer.cps_step_loss(model, batch)
+    labeled = [model.forward_branch(batch["pixel_values"], i) for i in range(2)]
+    unlabeled = [model.forward_branch(batch["unlabeled_pixel_values"], i) for i in range(2)]
+    supervised = sum(supervised_cross_entropy(logits, batch["labels"]) for logits in labeled)
+    cps = cross_pseudo_supervision_loss([torch.cat(pair) for pair in zip(labeled, unlabeled)])
+    torch.testing.assert_close(loss, supervised + 1.5 * cps)
+    torch.testing.assert_close(terms["loss_cps"], cps.detach())
+
+
+def test_cutmix_pseudo_labels_are_mixed_teacher_predictions(tmp_path, synthetic_splits):
+    model = small_model().train()
+    args = training_arguments(tmp_path, cutmix=True, cps_weight=1.0)
+    trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits, cutmix=True))
+    batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
+    assert not torch.equal(batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"])
+    loss, terms, _ = trainer.cps_step_loss(model, batch)
+    masks = batch["cutmix_masks"]
+    with torch.no_grad():
+        pseudo_labels = [
+            mix_with_mask(
+                model.forward_branch(batch["unlabeled_pixel_values"], i),
+                model.forward_branch(batch["mix_unlabeled_pixel_values"], i),
+                masks,
+            ).argmax(1)
+            for i in range(2)
+        ]
+    mixed = mix_with_mask(batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"], masks)
+    students = [model.forward_branch(mixed, i) for i in range(2)]
+    expected_cps = cross_pseudo_supervision_loss(students, pseudo_labels)
+    torch.testing.assert_close(terms["loss_cps"], expected_cps.detach())
+    labeled = [model.forward_branch(batch["pixel_values"], i) for i in range(2)]
+    expected = sum(supervised_cross_entropy(logits, batch["labels"]) for logits in labeled) + expected_cps
+    torch.testing.assert_close(loss, expected)
+
+
+def test_training_uses_labelled_and_unlabelled_images_and_moves_every_branch(tmp_path, synthetic_splits):
+    model = small_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    seen_batches: list[torch.Tensor] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen_batches.append(kwargs["pixel_values"]), with_kwargs=True
+    )
+    trainer = CPSTrainer(
+        model=model, args=training_arguments(tmp_path), train_dataset=paired_dataset(synthetic_splits)
+    )
+    batches = []
+    original = trainer.compute_loss
+
+    def recording_compute_loss(model, inputs, *args, **kwargs):
+        batches.append({key: value.clone() for key, value in inputs.items()})
+        return original(model, inputs, *args, **kwargs)
+
+    trainer.compute_loss = recording_compute_loss
+    trainer.train()
+    assert len(batches) == 2
+    for batch in batches:
+        fed = [images for images in seen_batches if images.shape == batch["pixel_values"].shape]
+        assert any(torch.equal(images, batch["pixel_values"]) for images in fed), (
+            "labelled images never reached the model"
+        )
+        assert any(torch.equal(images, batch["unlabeled_pixel_values"]) for images in fed), (
+            "unlabelled images never reached the model"
+        )
+    for branch_index in range(2):
+        prefix = f"branches.{branch_index}."
+        for part in ("backbone", "aspp", "decoder", "classifier"):
+            names = [name for name in before if name.startswith(prefix + part) and name.endswith("weight")]
+            assert any(not torch.equal(before[name], model.state_dict()[name]) for name in names), (
+                branch_index,
+                part,
+            )
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert logged and {"loss_cps", "loss_supervised_branch_0", "loss_supervised_branch_1"} <= logged[0].keys()
+
+
+def test_supervised_only_uses_no_unlabelled_images(tmp_path, synthetic_splits):
+    model = small_model()
+    args = training_arguments(tmp_path, supervised_only=True)
+    trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits))
+    batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
+    loss, terms, _ = trainer.cps_step_loss(model.train(), batch)
+    assert "loss_cps" not in terms
+    changed = dict(batch, unlabeled_pixel_values=torch.randn_like(batch["unlabeled_pixel_values"]))
+    torch.manual_seed(0)
+    torch.testing.assert_close(trainer.cps_step_loss(model, changed)[0], loss)
+
+
+def test_gradient_accumulation_averages_micro_batches(tmp_path, synthetic_splits):
+    model = small_model()
+    args = training_arguments(tmp_path, gradient_accumulation_steps=2)
+    trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits))
+    trainer.current_gradient_accumulation_steps = 2
+    micro_batches = [
+        collate_semi_supervised([trainer.train_dataset[i] for i in pair]) for pair in ((0, 1), (2, 3))
+    ]
+    expected_grads = {}
+    losses = []
+    for batch in micro_batches:
+        model.zero_grad()
+        loss, _, _ = trainer.cps_step_loss(model.train(), batch)
+        loss.backward()
+        losses.append(loss.detach())
+        for name, parameter in model.named_parameters():
+            expected_grads[name] = expected_grads.get(name, 0) + parameter.grad / 2
+    model.zero_grad()
+    reported = [trainer.training_step(model, batch) for batch in micro_batches]
+    torch.testing.assert_close(sum(reported), sum(losses) / 2)
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.grad, expected_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_evaluation_reports_streaming_miou(tmp_path, synthetic_splits):
+    from cps_hf.data import SupervisedSegmentationDataset
+
+    model = small_model()
+    eval_dataset = SupervisedSegmentationDataset(synthetic_splits["validation"], num_labels=NUM_LABELS)
+    trainer = CPSTrainer(
+        model=model,
+        args=training_arguments(tmp_path, per_device_eval_batch_size=2),
+        train_dataset=paired_dataset(synthetic_splits),
+        eval_dataset=eval_dataset,
+        data_collator=collate_semi_supervised,
+    )
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_mean_iou"] <= 1.0
+    assert "eval_iou_background" in metrics and metrics["eval_loss"] > 0
+
+
+def experiment_argv(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
+    return [
+        "--output_dir",
+        str(output_dir),
+        "--cache_dir",
+        str(cache_dir),
+        "--synthetic_num_train",
+        "16",
+        "--synthetic_num_val",
+        "4",
+        "--synthetic_image_size",
+        "32",
+        "--labeled_fraction",
+        "0.25",
+        "--backbone",
+        "test_resnet",
+        "--multi_grid",
+        "0",
+        "--aspp_channels",
+        "16",
+        "--decoder_channels",
+        "16",
+        "--low_level_channels",
+        "8",
+        "--crop_size",
+        "24",
+        "--per_device_train_batch_size",
+        "2",
+        "--per_device_eval_batch_size",
+        "4",
+        "--max_steps",
+        "4",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+        "--use_cpu",
+        "true",
+        *extra,
+    ]
+
+
+def test_experiment_saves_loadable_model_results_and_card(tmp_path, synthetic_cache):
+    output_dir = tmp_path / "run"
+    model_args, data_args, training_args, _ = parse_experiment_arguments(
+        experiment_argv(output_dir, synthetic_cache)
+    )
+    assert model_args.multi_grid == [0]
+    results = run_experiment(model_args, data_args, training_args)
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "preprocessor_config.json",
+        "all_results.json",
+        "eval_results.json",
+        "README.md",
+        "cps_recipe.json",
+    ):
+        assert (output_dir / name).exists(), name
+    eval_results = json.loads((output_dir / "eval_results.json").read_text())
+    assert eval_results["eval_mean_iou"] == pytest.approx(results["eval_mean_iou"])
+    card = (output_dir / "README.md").read_text()
+    assert f"{100 * results['eval_mean_iou']:.2f}" in card
+    loaded = CPSForSemanticSegmentation.from_pretrained(output_dir)
+    assert loaded.config.id2label[1] == SYNTHETIC_CLASS_NAMES[1]
+    recipe = json.loads((output_dir / "cps_recipe.json").read_text())
+    assert recipe["num_labeled"] == 4 and recipe["num_unlabeled"] == 12
+
+
+def test_config_file_with_cli_overrides(tmp_path, synthetic_cache):
+    config = tmp_path / "experiment.yaml"
+    config.write_text(
+        "backbone: test_resnet\ncps_weight: 6.0\ncutmix: true\nlabeled_fraction: 0.5\noutput_dir: x\n"
+    )
+    model_args, data_args, training_args, path = parse_experiment_arguments(
+        [str(config), "--cps_weight", "5"]
+    )
+    assert path == config
+    assert model_args.backbone == "test_resnet" and training_args.cutmix is True
+    assert training_args.cps_weight == 5.0 and data_args.labeled_fraction == 0.5
+    config.write_text("backbone: test_resnet\nnot_an_argument: 1\n")
+    with pytest.raises(ValueError, match="not_an_argument"):
+        parse_experiment_arguments([str(config)])
+
+
+def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "model.safetensors")
+
+
+def test_exact_resume_from_checkpoint(tmp_path, synthetic_cache):
+    def run(output_dir: Path, *extra: str):
+        argv = experiment_argv(
+            output_dir,
+            synthetic_cache,
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "2",
+            "--eval_split",
+            "null",
+            *extra,
+        )
+        run_experiment(*parse_experiment_arguments(argv)[:3])
+
+    run(tmp_path / "straight")
+    # Another run that only has the step-2 checkpoint of the first continues from it to the same weights.
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    run(tmp_path / "resumed")
+    straight, resumed = final_weights(tmp_path / "straight"), final_weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=0, msg=name)
+    straight_log = json.loads((tmp_path / "straight" / "trainer_state.json").read_text())["log_history"]
+    resumed_log = json.loads((tmp_path / "resumed" / "trainer_state.json").read_text())["log_history"]
+    assert [entry.get("loss") for entry in resumed_log] == [entry.get("loss") for entry in straight_log]
+
+
+def test_two_process_cpu_run_through_accelerate(tmp_path, synthetic_cache):
+    output_dir = tmp_path / "ddp"
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO_ROOT / "scripts" / "train_cps.py"),
+        *experiment_argv(output_dir, synthetic_cache, "--max_steps", "2"),
+    ]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        command, env=environment, capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "val mIoU" in result.stdout
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
+    recipe = json.loads((output_dir / "cps_recipe.json").read_text())
+    assert recipe["world_size"] == 2
+    assert (output_dir / "model.safetensors").exists()
