@@ -53,6 +53,10 @@ class CPSConfig(PreTrainedConfig):
         inference_branch (`int` or `"ensemble"`, *optional*, defaults to 0):
             Which branch produces `logits` at inference: a branch index, or `"ensemble"` for the mean of all
             branches' softmax probabilities.
+        share_backbone_initialization (`bool`, *optional*, defaults to `True`):
+            Start every branch's backbone from the same weights, as the paper does (its backbones are the same
+            ImageNet weights). `False` keeps each branch's own random backbone draw: when training from scratch
+            this is what keeps the branches different. Pretrained weights are always loaded into every branch.
         head_init (`str`, *optional*, defaults to `"kaiming_normal"`):
             Initialisation of the head and classifier convolutions: `"kaiming_normal"` (fan-in, ReLU gain, the
             paper's choice), `"xavier_normal"`, `"normal"` (std `initializer_range`) or `"torch_default"`.
@@ -88,6 +92,7 @@ class CPSConfig(PreTrainedConfig):
     batch_norm_momentum: float = 0.1
     num_branches: int = 2
     inference_branch: int | Literal["ensemble"] = 0
+    share_backbone_initialization: bool = True
     head_init: str = "kaiming_normal"
     initializer_range: float = 0.02
     semantic_loss_ignore_index: int = 255

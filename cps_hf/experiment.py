@@ -73,6 +73,10 @@ class ModelArguments:
     backbone_kwargs: dict | None = field(
         default=None, metadata={"help": "Extra timm.create_model arguments."}
     )
+    share_backbone_initialization: bool = field(
+        default=True,
+        metadata={"help": "Same initial backbone weights in every branch (paper); false: independent random draws."},
+    )
 
 
 @dataclass
@@ -213,6 +217,7 @@ def build_model(model_args: ModelArguments, class_names: list[str]) -> CPSForSem
         decoder_channels=model_args.decoder_channels,
         num_branches=model_args.num_branches,
         inference_branch=inference_branch,
+        share_backbone_initialization=model_args.share_backbone_initialization,
         id2label=id2label,
         label2id=label2id,
     )

@@ -286,7 +286,8 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
     def __init__(self, config: CPSConfig):
         super().__init__(config)
         self.branches = nn.ModuleList([CPSDeepLabV3PlusBranch(config) for _ in range(config.num_branches)])
-        self._share_backbone_initialisation()
+        if config.share_backbone_initialization:
+            self._share_backbone_initialisation()
         for branch in self.branches:
             mark_initialized(branch.backbone)
         self.post_init()

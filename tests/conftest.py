@@ -6,7 +6,8 @@ import torch
 # Tests never touch the network: timm/Hub downloads fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# One thread: tiny test models gain nothing from more, and oversubscribed threads stall badly on a busy machine.
+torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -144,6 +144,12 @@ def test_branches_share_backbone_but_not_heads(tiny_config):
     )
 
 
+def test_independent_backbone_initialization_option(tiny_config):
+    tiny_config.share_backbone_initialization = False
+    first, second = CPSForSemanticSegmentation(tiny_config).branches
+    assert not torch.equal(first.backbone.conv1[0].weight, second.backbone.conv1[0].weight)
+
+
 def test_head_init_is_kaiming_normal_fan_in():
     config = CPSConfig(backbone="test_resnet", num_labels=3, multi_grid=None)
     conv = CPSForSemanticSegmentation(config).branches[0].aspp.branch_convs[1]  # 3x3, fan_in = 96 * 9

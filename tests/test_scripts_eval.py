@@ -1,0 +1,186 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+from transformers import AutoImageProcessor
+
+from cps_hf import CPSConfig, CPSForSemanticSegmentation, create_image_processor
+from cps_hf.data import SegmentationTransform, SupervisedSegmentationDataset, load_segmentation_dataset
+from cps_hf.inference import evaluate_model, load_image_normalization
+from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
+# One thread per process: the models are tiny, and the machine may be busy.
+SUBPROCESS_ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(num_threads)
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory) -> Path:
+    model_dir = tmp_path_factory.mktemp("model")
+    config = CPSConfig(
+        backbone="test_resnet",
+        num_labels=NUM_LABELS,
+        multi_grid=None,
+        aspp_channels=16,
+        low_level_channels=8,
+        decoder_channels=16,
+        id2label=dict(enumerate(SYNTHETIC_CLASS_NAMES)),
+        label2id={name: index for index, name in enumerate(SYNTHETIC_CLASS_NAMES)},
+    )
+    torch.manual_seed(0)
+    model = CPSForSemanticSegmentation(config)
+    model.save_pretrained(model_dir)
+    create_image_processor(config).save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def saved_dataset(tmp_path_factory) -> Path:
+    cache_dir = tmp_path_factory.mktemp("synthetic_cache")
+    dataset_dir = tmp_path_factory.mktemp("dataset") / "synthetic"
+    splits = make_synthetic_segmentation_dataset(
+        num_train=4, num_val=4, image_size=32, cache_dir=str(cache_dir)
+    )
+    splits.save_to_disk(str(dataset_dir))
+    return dataset_dir
+
+
+def run_script(
+    name: str, *arguments: str, launcher: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    command = [sys.executable, *launcher, str(REPO_ROOT / "scripts" / name), *arguments]
+    environment = {**SUBPROCESS_ENV, **(extra_env or {})}
+    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def evaluation_arguments(saved_model: Path, saved_dataset: Path, output_json: Path) -> list[str]:
+    return [
+        "--model",
+        str(saved_model),
+        "--dataset_name",
+        str(saved_dataset),
+        "--mode",
+        "slide",
+        "--crop_size",
+        "24",
+        "--flip",
+        "--output_json",
+        str(output_json),
+    ]
+
+
+def test_evaluate_script_reports_every_branch_and_the_ensemble(tmp_path, saved_model, saved_dataset):
+    output_json = tmp_path / "eval.json"
+    result = run_script("evaluate_cps.py", *evaluation_arguments(saved_model, saved_dataset, output_json))
+    report = json.loads(output_json.read_text())
+    assert list(report["results"]) == ["branch_0", "branch_1", "ensemble"]
+    assert report["num_images"] == 4 and report["images_per_second"] > 0
+    assert report["protocol"] == {
+        "mode": "slide",
+        "crop_size": [24, 24],
+        "stride": [16, 16],
+        "scales": [1.0],
+        "flip": True,
+    }
+    for line in ("striped_disc", "mIoU", "pixel acc", "ensemble", "images/s"):
+        assert line in result.stdout
+
+    # The same numbers as an in-process evaluation of the saved model.
+    model = CPSForSemanticSegmentation.from_pretrained(saved_model)
+    mean, std = load_image_normalization(str(saved_model), model.config.backbone)
+    dataset = SupervisedSegmentationDataset(
+        load_segmentation_dataset(str(saved_dataset))["validation"],
+        num_labels=NUM_LABELS,
+        transform=SegmentationTransform(train=False, mean=mean, std=std),
+    )
+    expected = evaluate_model(model, dataset, mode="slide", crop_size=24, flip=True, progress=False)
+    for name, metrics in expected.items():
+        for key, value in metrics.items():
+            reported = report["results"][name][key]
+            assert (reported is None and np.isnan(value)) or reported == pytest.approx(value, abs=1e-12)
+
+
+def test_predict_script_writes_palette_masks_and_overlays(tmp_path, saved_model):
+    input_dir = tmp_path / "inputs"
+    input_dir.mkdir()
+    rng = np.random.default_rng(0)
+    image_paths = [input_dir / "first.png", tmp_path / "second.png"]
+    for path, size in zip(image_paths, [(23, 31), (40, 18)]):
+        PILImage.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    output_dir = tmp_path / "predictions"
+    run_script(
+        "predict.py",
+        "--model",
+        str(saved_model),
+        "--output_dir",
+        str(output_dir),
+        str(input_dir),
+        str(image_paths[1]),
+    )
+
+    model = CPSForSemanticSegmentation.from_pretrained(saved_model).eval()
+    processor = AutoImageProcessor.from_pretrained(saved_model)
+    for path in image_paths:
+        image = PILImage.open(path)
+        mask_image = PILImage.open(output_dir / f"{path.stem}_mask.png")
+        overlay_image = PILImage.open(output_dir / f"{path.stem}_overlay.png")
+        assert mask_image.mode == "P" and mask_image.size == image.size
+        assert overlay_image.mode == "RGB" and overlay_image.size == image.size
+        mask = np.asarray(mask_image)
+        assert mask.min() >= 0 and mask.max() < NUM_LABELS
+        # The argmax of the model on the image, normalised by the saved image processor itself.
+        pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            expected = model(pixel_values).logits.argmax(dim=1)[0].numpy()
+        np.testing.assert_array_equal(mask, expected)
+
+
+@pytest.mark.slow
+def test_evaluate_script_under_two_processes_matches_one(tmp_path, saved_model, saved_dataset):
+    single_json, double_json = tmp_path / "single.json", tmp_path / "double.json"
+    run_script("evaluate_cps.py", *evaluation_arguments(saved_model, saved_dataset, single_json))
+    launcher = (
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    )
+    result = run_script(
+        "evaluate_cps.py",
+        *evaluation_arguments(saved_model, saved_dataset, double_json),
+        launcher=launcher,
+        extra_env={"ACCELERATE_USE_CPU": "1"},
+    )
+    assert result.stdout.count("mIoU") == 1  # printed once, by the main process
+    single, double = json.loads(single_json.read_text()), json.loads(double_json.read_text())
+    assert double["num_processes"] == 2
+    assert double["results"] == single["results"]
