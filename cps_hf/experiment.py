@@ -75,7 +75,9 @@ class ModelArguments:
     )
     share_backbone_initialization: bool = field(
         default=True,
-        metadata={"help": "Same initial backbone weights in every branch (paper); false: independent random draws."},
+        metadata={
+            "help": "Same initial backbone weights in every branch (paper); false: independent random draws."
+        },
     )
 
 
