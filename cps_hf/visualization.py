@@ -169,6 +169,9 @@ _RUN_COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
 """Colours of models / runs in charts (matplotlib's tab10, blue and red first for a two-model comparison)."""
 
 
+_TITLE_FONT = {"title_fontproperties": {"size": 13, "weight": "bold"}}
+
+
 def _figure_classes() -> tuple[type, type]:
     """Matplotlib's `Figure` and Agg canvas, imported on demand: matplotlib is an optional dependency."""
     try:
@@ -193,10 +196,6 @@ def _render(figure: Figure) -> PILImage.Image:
     figure.canvas.draw()
     rgba = np.asarray(figure.canvas.buffer_rgba())  # (height, width, 4)
     return PILImage.fromarray(np.ascontiguousarray(rgba[..., :3]))
-
-
-def _color_hex(color: Sequence[int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*color)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -420,14 +419,15 @@ def qualitative_grid(
                     )
         rows.append((pixels, masks))
 
-    present = sorted(set().union(*(np.unique(mask).tolist() for _, masks in rows for mask in masks)))
+    present = set().union(*(np.unique(mask).tolist() for _, masks in rows for mask in masks))
     has_ignored = ignore_index in present
+    present_classes = sorted(present - {ignore_index})
     legend_ids: list[int] = []
     if legend == "all":
-        legend_ids = list(range(num_classes if num_classes is not None else max([-1, *present]) + 1))
-        legend_ids = [class_id for class_id in legend_ids if class_id != ignore_index]
+        num_legend_classes = num_classes if num_classes is not None else max([-1, *present_classes]) + 1
+        legend_ids = [class_id for class_id in range(num_legend_classes) if class_id != ignore_index]
     elif legend == "present":
-        legend_ids = [class_id for class_id in present if class_id != ignore_index]
+        legend_ids = present_classes
     legend_items = [
         (class_names[class_id] if class_names is not None else str(class_id), tuple(color_table[class_id]))
         for class_id in legend_ids
@@ -514,15 +514,19 @@ def qualitative_grid(
     figure.figimage(canvas, xo=0, yo=0, origin="upper")
 
     def text(x: float, y: float, value: str, **kwargs: Any) -> None:
-        figure.text(
-            x / width, 1.0 - y / height, value, fontsize=kwargs.pop("fontsize", layout.font_size), **kwargs
-        )
+        figure.text(x / width, 1.0 - y / height, value, **{"fontsize": layout.font_size, **kwargs})
+
+    def fitted_font_sizes(
+        texts: list[str], font_size: float, room: float, weight: str = "normal"
+    ) -> list[float]:
+        # Long titles shrink to the room they have rather than run into their neighbours.
+        text_widths = _text_width(texts, font_size, layout.dpi, weight)
+        return [font_size * min(1.0, (room - 2) / max(text_width, 1.0)) for text_width in text_widths]
 
     titles = ["image", "ground truth", *model_names]
-    title_widths = _text_width(titles, layout.font_size, layout.dpi, weight="bold")
-    for left, title, title_width in zip(cell_lefts, titles, title_widths):
-        # Long titles shrink to their cell's width rather than run into the next column.
-        font_size = layout.font_size * min(1.0, (cell_width - 2) / max(title_width, 1.0))
+    for left, title, font_size in zip(
+        cell_lefts, titles, fitted_font_sizes(titles, layout.font_size, cell_width, "bold")
+    ):
         text(
             left + cell_width / 2,
             grid_top - layout.title_height / 2,
@@ -533,16 +537,18 @@ def qualitative_grid(
             fontsize=font_size,
         )
     if row_titles is not None:
-        for row, title in enumerate(row_titles):
+        row_titles = [str(title) for title in row_titles]
+        row_font_sizes = fitted_font_sizes(row_titles, layout.font_size * 0.85, cell_height)
+        for row, (title, font_size) in enumerate(zip(row_titles, row_font_sizes)):
             center = grid_top + row * (cell_height + gap) + cell_height / 2
             text(
                 margin + row_title_width / 2,
                 center,
-                str(title),
+                title,
                 ha="center",
                 va="center",
                 rotation=90,
-                fontsize=layout.font_size * 0.85,
+                fontsize=font_size,
                 color="#444444",
             )
     for name, x, y in label_positions:
@@ -655,7 +661,7 @@ def per_class_iou_chart(
     annotate: bool | None = None,
     dpi: int = 100,
 ) -> PILImage.Image:
-    """Grouped bar chart of per-class IoU (%) of two or more models, with each model's mIoU in the legend.
+    """Grouped bar chart of per-class IoU (%) of one or more models, with each model's mIoU in the legend.
 
     The mIoU of a model is the mean of its IoUs over `class_names`, NaN classes excluded (the convention of
     [`~cps_hf.metrics.metrics_from_confusion_matrix`]); a NaN or missing class has no bar.
@@ -740,9 +746,10 @@ def per_class_iou_chart(
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     axes.spines[["top", "right"]].set_visible(False)
-    if title:
-        figure.suptitle(title)
-    figure.legend(loc="outside upper center", ncols=min(num_models, 4), frameon=False)
+    # The title heads the legend: a suptitle and an "outside" legend overlap under constrained layout.
+    figure.legend(
+        loc="outside upper center", ncols=min(num_models, 4), frameon=False, title=title, **_TITLE_FONT
+    )
     return _render(figure)
 
 
@@ -912,12 +919,17 @@ def training_curves(
             axes.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for axes in panels[len(panel_keys) :]:
         axes.remove()
-    if title:
-        figure.suptitle(title)
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], color=run_colors[name], linewidth=2, label=name) for name in runs]
-    figure.legend(handles=handles, loc="outside upper center", ncols=min(len(runs), 5), frameon=False)
+    figure.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncols=min(len(runs), 5),
+        frameon=False,
+        title=title,
+        **_TITLE_FONT,
+    )
     return _render(figure)
 
 
