@@ -131,7 +131,7 @@ class DataArguments:
     )
     synthetic_num_train: int = field(default=512, metadata={"help": "Synthetic data: training images."})
     synthetic_num_val: int = field(default=128, metadata={"help": "Synthetic data: validation images."})
-    synthetic_image_size: int = field(default=64, metadata={"help": "Synthetic data: image size."})
+    synthetic_image_size: int = field(default=96, metadata={"help": "Synthetic data: image size."})
 
     def __post_init__(self):
         if self.eval_split is not None and self.eval_split.lower() in ("", "none", "null"):

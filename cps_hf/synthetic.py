@@ -311,7 +311,7 @@ def _quiet_progress_bars() -> Iterator[None]:
 def make_synthetic_segmentation_dataset(
     num_train: int = 512,
     num_val: int = 128,
-    image_size: int = 64,
+    image_size: int = 96,
     seed: int = 0,
     cache_dir: str | None = None,
 ) -> datasets.DatasetDict:
@@ -322,7 +322,7 @@ def make_synthetic_segmentation_dataset(
             Number of training samples (split `"train"`).
         num_val (`int`, *optional*, defaults to 128):
             Number of validation samples (split `"validation"`).
-        image_size (`int`, *optional*, defaults to 64):
+        image_size (`int`, *optional*, defaults to 96):
             Height and width of every image; all samples have the same size.
         seed (`int`, *optional*, defaults to 0):
             Generation seed. Sample `i` of a split depends only on `(seed, split, i)`.
