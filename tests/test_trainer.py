@@ -132,6 +132,34 @@ def test_plain_cps_loss_matches_hand_computation(tmp_path, synthetic_splits):
     torch.testing.assert_close(terms["loss_cps"], cps.detach())
 
 
+def test_n_cps_with_three_branches(tmp_path, synthetic_splits):
+    config = small_model().config
+    config.num_branches = 3
+    model = CPSForSemanticSegmentation(config).train()
+    trainer = CPSTrainer(
+        model=model, args=training_arguments(tmp_path), train_dataset=paired_dataset(synthetic_splits)
+    )
+    batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
+    loss, terms, _ = trainer.cps_step_loss(model, batch)
+    labeled = [model.forward_branch(batch["pixel_values"], i) for i in range(3)]
+    unlabeled = [model.forward_branch(batch["unlabeled_pixel_values"], i) for i in range(3)]
+    joint = [torch.cat(pair) for pair in zip(labeled, unlabeled)]
+    # Every branch learns from both others' argmax maps; the sum over ordered pairs is divided by n - 1 = 2.
+    expected_cps = (
+        sum(
+            torch.nn.functional.cross_entropy(joint[i], joint[j].argmax(1))
+            for i in range(3)
+            for j in range(3)
+            if i != j
+        )
+        / 2
+    )
+    torch.testing.assert_close(terms["loss_cps"], expected_cps.detach())
+    assert {"loss_supervised_branch_2"} <= terms.keys()
+    supervised = sum(supervised_cross_entropy(logits, batch["labels"]) for logits in labeled)
+    torch.testing.assert_close(loss, supervised + 1.5 * expected_cps)
+
+
 def test_cutmix_pseudo_labels_are_mixed_teacher_predictions(tmp_path, synthetic_splits):
     model = small_model().train()
     args = training_arguments(tmp_path, cutmix=True, cps_weight=1.0)
