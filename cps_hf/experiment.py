@@ -371,6 +371,7 @@ def run_experiment(
     if training_args.do_train:
         resume = training_args.resume_from_checkpoint or last_checkpoint
         train_result = trainer.train(resume_from_checkpoint=resume)
+        trainer.check_finite_loss()
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)

@@ -6,6 +6,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,7 +29,8 @@ SUPERVISED_LOSSES = ("ce", "ohem")
 class CPSTrainingArguments(TrainingArguments):
     r"""
     [`~transformers.TrainingArguments`] for Cross Pseudo Supervision, with defaults that make CPS work out of the
-    box: SGD (momentum 0.9), poly learning-rate decay (power 0.9), no weight decay on biases and norm layers,
+    box: SGD (momentum 0.9), poly learning-rate decay (power 0.9), no weight decay on biases and norm layers, no
+    gradient clipping (the paper clips nothing; the Trainer's default would clip at norm 1),
     `remove_unused_columns=False` (the unlabelled images are not forward arguments and must not be dropped),
     streaming evaluation metrics and no unused-parameter search under DDP.
 
@@ -95,6 +97,9 @@ class CPSTrainingArguments(TrainingArguments):
     batch_eval_metrics: bool = field(
         default=True, metadata={"help": "Streaming confusion-matrix evaluation."}
     )
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "Gradient clipping norm; 0 disables it (the paper does not clip)."}
+    )
 
     def __post_init__(self):
         if self.supervised_loss not in SUPERVISED_LOSSES:
@@ -158,6 +163,7 @@ class CPSTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_count = 0
+        self._first_nonfinite_step: torch.Tensor | None = None
         self.add_callback(EpochForwardingCallback(self))
         if self.args.world_size > 1 and self.args.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
@@ -186,6 +192,42 @@ class CPSTrainer(Trainer):
         loss, loss_terms, outputs = self.cps_step_loss(model, inputs)
         self._accumulate_loss_terms(loss_terms)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch=None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # Remember the first optimizer step whose loss is not finite without a host sync; it is checked when
+        # logging, before saving a checkpoint and at the end of training.
+        step = torch.tensor(self.state.global_step + 1, device=loss.device)
+        if self._first_nonfinite_step is None:
+            self._first_nonfinite_step = torch.tensor(-1, device=loss.device)
+        self._first_nonfinite_step = torch.where(
+            ~torch.isfinite(loss) & (self._first_nonfinite_step < 0), step, self._first_nonfinite_step
+        )
+        return loss
+
+    def check_finite_loss(self) -> None:
+        """Raises `FloatingPointError` naming the first step whose training loss was NaN or infinite."""
+        if self._first_nonfinite_step is None:
+            return
+        first_step = int(self.accelerator.reduce(self._first_nonfinite_step.clone(), reduction="max"))
+        if first_step >= 0:
+            checkpoints = sorted(
+                Path(self.args.output_dir).glob("checkpoint-*"), key=lambda path: path.stat().st_mtime
+            )
+            last_good = next(
+                (str(path) for path in reversed(checkpoints) if _checkpoint_step(path) < first_step), None
+            )
+            raise FloatingPointError(
+                f"The training loss became NaN or infinite at step {first_step}; training stopped and nothing after "
+                f"it was saved. Last good checkpoint: {last_good or 'none'}. Lower the learning rate, enable gradient "
+                "clipping (--max_grad_norm) or check the data of that step."
+            )
+
+    def _save_checkpoint(self, model, trial) -> None:
+        self.check_finite_loss()
+        super()._save_checkpoint(model, trial)
 
     def _evaluation_loss(self, model, inputs, return_outputs):
         outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))
@@ -220,17 +262,26 @@ class CPSTrainer(Trainer):
                 raise ValueError(
                     f"CutMix CPS batches need {sorted(missing)}; build the dataset with `cutmix=True`."
                 )
+            source_images = inputs["unlabeled_pixel_values"]
+            partner_images = inputs["mix_unlabeled_pixel_values"]
             with torch.no_grad(), self._teacher_mode(model):
-                teacher_logits = model(
-                    pixel_values=inputs["unlabeled_pixel_values"], output_branch_logits=True
-                )
-                partner_logits = model(
-                    pixel_values=inputs["mix_unlabeled_pixel_values"], output_branch_logits=True
-                )
+                if self.args.pseudo_label_mode == "eval":
+                    # Running BN statistics normalise every image on its own: one call on both batches gives the
+                    # same per-image outputs as two.
+                    merged = model(
+                        pixel_values=torch.cat([source_images, partner_images]), output_branch_logits=True
+                    )
+                    teacher_pairs = [logits.chunk(2) for logits in merged.branch_logits]
+                else:
+                    # Train-mode BN normalises with batch statistics: keep the paper's two separate batches.
+                    source_logits = model(pixel_values=source_images, output_branch_logits=True).branch_logits
+                    partner_logits = model(
+                        pixel_values=partner_images, output_branch_logits=True
+                    ).branch_logits
+                    teacher_pairs = list(zip(source_logits, partner_logits))
             masks = inputs["cutmix_masks"]
             pseudo_labels = [
-                mix_with_mask(source, partner, masks).argmax(dim=1)
-                for source, partner in zip(teacher_logits.branch_logits, partner_logits.branch_logits)
+                mix_with_mask(source, partner, masks).argmax(dim=1) for source, partner in teacher_pairs
             ]
             mixed_images = mix_with_mask(
                 inputs["unlabeled_pixel_values"], inputs["mix_unlabeled_pixel_values"], masks
@@ -286,6 +337,8 @@ class CPSTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss"; add the mean of each term since the last log, reduced over processes
         # (every process reaches this call, so the reduction is collective).
+        if "loss" in logs:
+            self.check_finite_loss()
         if "loss" in logs and self._loss_term_count:
             names = sorted(self._loss_term_sums)
             means = torch.stack([self._loss_term_sums[name] for name in names]) / self._loss_term_count
@@ -293,6 +346,13 @@ class CPSTrainer(Trainer):
             logs.update({name: round(value, 4) for name, value in zip(names, means)})
             self._loss_term_sums, self._loss_term_count = {}, 0
         super().log(logs, start_time)
+
+
+def _checkpoint_step(path: Path) -> int:
+    try:
+        return int(path.name.split("-")[-1])
+    except ValueError:
+        return -1
 
 
 def predictions_from_logits(logits: Any, labels: torch.Tensor) -> torch.Tensor:

@@ -160,14 +160,17 @@ def test_n_cps_with_three_branches(tmp_path, synthetic_splits):
     torch.testing.assert_close(loss, supervised + 1.5 * expected_cps)
 
 
-def test_cutmix_pseudo_labels_are_mixed_teacher_predictions(tmp_path, synthetic_splits):
+@pytest.mark.parametrize("pseudo_label_mode", ["train", "eval"])
+def test_cutmix_pseudo_labels_are_mixed_teacher_predictions(tmp_path, synthetic_splits, pseudo_label_mode):
     model = small_model().train()
-    args = training_arguments(tmp_path, cutmix=True, cps_weight=1.0)
+    model(torch.randn(4, 3, 24, 24))  # non-trivial running statistics for the eval-mode teachers
+    args = training_arguments(tmp_path, cutmix=True, cps_weight=1.0, pseudo_label_mode=pseudo_label_mode)
     trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits, cutmix=True))
     batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
     assert not torch.equal(batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"])
-    loss, terms, _ = trainer.cps_step_loss(model, batch)
     masks = batch["cutmix_masks"]
+    # Teachers first: in eval mode they read the running statistics the step's student passes then update.
+    model.train(pseudo_label_mode == "train")
     with torch.no_grad():
         pseudo_labels = [
             mix_with_mask(
@@ -177,6 +180,9 @@ def test_cutmix_pseudo_labels_are_mixed_teacher_predictions(tmp_path, synthetic_
             ).argmax(1)
             for i in range(2)
         ]
+    model.train()
+    loss, terms, _ = trainer.cps_step_loss(model, batch)
+    assert model.training
     mixed = mix_with_mask(batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"], masks)
     students = [model.forward_branch(mixed, i) for i in range(2)]
     expected_cps = cross_pseudo_supervision_loss(students, pseudo_labels)
@@ -427,3 +433,24 @@ def test_two_process_cpu_run_through_accelerate(tmp_path, synthetic_cache):
     recipe = json.loads((output_dir / "cps_recipe.json").read_text())
     assert recipe["world_size"] == 2
     assert (output_dir / "model.safetensors").exists()
+
+
+def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, synthetic_splits):
+    model = small_model()
+    args = training_arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, logging_steps=5)
+    trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits))
+    original = trainer.compute_loss
+
+    def loss_that_explodes_at_step_3(model, inputs, *args, **kwargs):
+        loss = original(model, inputs, *args, **kwargs)
+        return loss * float("nan") if trainer.state.global_step == 2 else loss
+
+    trainer.compute_loss = loss_that_explodes_at_step_3
+    with pytest.raises(FloatingPointError, match=r"at step 3;.*Last good checkpoint: .*checkpoint-2"):
+        trainer.train()
+    assert (tmp_path / "checkpoint-2").is_dir()
+    assert not (tmp_path / "checkpoint-4").exists()
+
+
+def test_gradient_clipping_is_off_by_default_as_in_the_paper(tmp_path):
+    assert CPSTrainingArguments(output_dir=str(tmp_path)).max_grad_norm == 0.0
