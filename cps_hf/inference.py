@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -147,6 +147,38 @@ def describe_protocol(
         ValueError: as [`predict_probabilities`] for an invalid protocol.
     """
     return _Protocol.create(mode, crop_size, stride, scales, flip).describe()
+
+
+@dataclass
+class InferenceProtocolArguments:
+    """The inference-protocol flags shared by `scripts/evaluate_cps.py`, `scripts/predict.py` and
+    `scripts/visualize.py` (parse them with `HfArgumentParser` next to the script's own arguments)."""
+
+    mode: str = field(default="whole", metadata={"help": "'whole' image or 'slide' (sliding window)."})
+    crop_size: list[int] | None = field(
+        default=None, metadata={"help": "Sliding-window size: one value or height width."}
+    )
+    stride: list[int] | None = field(
+        default=None, metadata={"help": "Sliding-window step (default: ceil(2/3 crop_size))."}
+    )
+    scales: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Test-time scales."})
+    flip: bool = field(default=False, metadata={"help": "Average with the horizontally flipped image."})
+
+    def protocol(self) -> dict[str, Any]:
+        """Keyword arguments for [`predict_probabilities`] and friends, validated (raises `ValueError`)."""
+        protocol = dict(
+            mode=self.mode,
+            crop_size=_single_or_pair(self.crop_size),
+            stride=_single_or_pair(self.stride),
+            scales=self.scales,
+            flip=self.flip,
+        )
+        describe_protocol(**protocol)
+        return protocol
+
+
+def _single_or_pair(values: list[int] | None) -> int | list[int] | None:
+    return values[0] if values and len(values) == 1 else values
 
 
 # --------------------------------------------------------------------------------------------------------------

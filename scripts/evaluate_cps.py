@@ -30,6 +30,7 @@ from cps_hf.data import (
     load_segmentation_dataset,
 )
 from cps_hf.inference import (
+    InferenceProtocolArguments,
     describe_protocol,
     evaluate_model,
     format_results_table,
@@ -50,15 +51,6 @@ class EvaluationArguments:
     image_column: str = field(default="image", metadata={"help": "Image column."})
     label_column: str = field(default="label", metadata={"help": "Mask column (class ids)."})
     id_column: str = field(default="id", metadata={"help": "Sample id column (error messages)."})
-    mode: str = field(default="whole", metadata={"help": "'whole' image or 'slide' (sliding window)."})
-    crop_size: list[int] | None = field(
-        default=None, metadata={"help": "Sliding-window size: one value or height width."}
-    )
-    stride: list[int] | None = field(
-        default=None, metadata={"help": "Sliding-window step (default: ceil(2/3 crop_size))."}
-    )
-    scales: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Test-time scales."})
-    flip: bool = field(default=False, metadata={"help": "Average with the horizontally flipped image."})
     branches: list[str] | None = field(
         default=None,
         metadata={"help": "Branch indices and/or 'ensemble' (default: every branch + ensemble)."},
@@ -87,15 +79,11 @@ def _json_ready(value: Any) -> Any:
 
 
 def main() -> None:
-    (args,) = HfArgumentParser(EvaluationArguments).parse_args_into_dataclasses()
-    protocol = dict(
-        mode=args.mode,
-        crop_size=args.crop_size[0] if args.crop_size and len(args.crop_size) == 1 else args.crop_size,
-        stride=args.stride[0] if args.stride and len(args.stride) == 1 else args.stride,
-        scales=args.scales,
-        flip=args.flip,
-    )
-    protocol_description = describe_protocol(**protocol)  # fails fast on a bad protocol
+    args, protocol_args = HfArgumentParser(
+        (EvaluationArguments, InferenceProtocolArguments)
+    ).parse_args_into_dataclasses()
+    protocol = protocol_args.protocol()
+    protocol_description = describe_protocol(**protocol)
     branches = parse_branch_selection(args.branches) if args.branches else None
     accelerator = Accelerator(cpu=args.cpu)
     model = CPSForSemanticSegmentation.from_pretrained(args.model).to(accelerator.device)

@@ -19,7 +19,7 @@ from transformers import HfArgumentParser
 
 from cps_hf import CPSForSemanticSegmentation
 from cps_hf.inference import (
-    describe_protocol,
+    InferenceProtocolArguments,
     load_image_normalization,
     parse_branch_selection,
     predict_segmentation,
@@ -35,15 +35,6 @@ class PredictionArguments:
 
     model: str = field(metadata={"help": "Saved CPS model: a local folder or a Hub id."})
     output_dir: str = field(metadata={"help": "Folder for the <stem>_mask.png and <stem>_overlay.png files."})
-    mode: str = field(default="whole", metadata={"help": "'whole' image or 'slide' (sliding window)."})
-    crop_size: list[int] | None = field(
-        default=None, metadata={"help": "Sliding-window size: one value or height width."}
-    )
-    stride: list[int] | None = field(
-        default=None, metadata={"help": "Sliding-window step (default: ceil(2/3 crop_size))."}
-    )
-    scales: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Test-time scales."})
-    flip: bool = field(default=False, metadata={"help": "Average with the horizontally flipped image."})
     branch: str | None = field(
         default=None, metadata={"help": "Branch index or 'ensemble' (default: the model's inference_branch)."}
     )
@@ -76,17 +67,10 @@ def list_images(inputs: list[str]) -> list[Path]:
 
 
 def main() -> None:
-    parser = HfArgumentParser(PredictionArguments)
+    parser = HfArgumentParser((PredictionArguments, InferenceProtocolArguments))
     parser.add_argument("inputs", nargs="+", help="Image files or folders of images.")
-    args, extra = parser.parse_args_into_dataclasses()
-    protocol = dict(
-        mode=args.mode,
-        crop_size=args.crop_size[0] if args.crop_size and len(args.crop_size) == 1 else args.crop_size,
-        stride=args.stride[0] if args.stride and len(args.stride) == 1 else args.stride,
-        scales=args.scales,
-        flip=args.flip,
-    )
-    describe_protocol(**protocol)  # fails fast on a bad protocol
+    args, protocol_args, extra = parser.parse_args_into_dataclasses()
+    protocol = protocol_args.protocol()
     image_paths = list_images(extra.inputs)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,7 +23,7 @@ from PIL import Image as PILImage
 from transformers import AutoConfig, HfArgumentParser
 
 from cps_hf.data import check_columns, decode_mask, load_segmentation_dataset
-from cps_hf.inference import describe_protocol, parse_branch_selection
+from cps_hf.inference import InferenceProtocolArguments, parse_branch_selection
 from cps_hf.visualization import (
     GridLayout,
     load_iou_results,
@@ -69,15 +69,6 @@ class GridArguments:
         metadata={"help": "Show these samples (values of --id_column) instead of a random draw."},
     )
     seed: int = field(default=0, metadata={"help": "Seed of the random choice of samples."})
-    mode: str = field(default="whole", metadata={"help": "'whole' image or 'slide' (sliding window)."})
-    crop_size: list[int] | None = field(
-        default=None, metadata={"help": "Sliding-window size: one value or height width."}
-    )
-    stride: list[int] | None = field(
-        default=None, metadata={"help": "Sliding-window step (default: ceil(2/3 crop_size))."}
-    )
-    scales: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Test-time scales."})
-    flip: bool = field(default=False, metadata={"help": "Average with the horizontally flipped image."})
     branch: str | None = field(
         default=None,
         metadata={"help": "Branch index or 'ensemble' (default: each model's inference_branch)."},
@@ -121,18 +112,11 @@ class CurvesArguments:
     smoothing: float = field(default=0.0, metadata={"help": "EMA smoothing of the loss curves, in [0, 1)."})
 
 
-def grid_figure(args: GridArguments) -> PILImage.Image:
+def grid_figure(args: GridArguments, protocol_args: InferenceProtocolArguments) -> PILImage.Image:
     if not args.models:
         raise ValueError("--figure grid needs --models NAME=MODEL_DIR ...")
     model_paths = parse_named_paths(args.models, "--models")
-    protocol = dict(
-        mode=args.mode,
-        crop_size=args.crop_size[0] if args.crop_size and len(args.crop_size) == 1 else args.crop_size,
-        stride=args.stride[0] if args.stride and len(args.stride) == 1 else args.stride,
-        scales=args.scales,
-        flip=args.flip,
-    )
-    describe_protocol(**protocol)  # fails fast on a bad protocol
+    protocol = protocol_args.protocol()
     if args.branch is not None:
         protocol["branch"] = parse_branch_selection([args.branch])[0]
 
@@ -182,10 +166,12 @@ def iou_figure(args: IoUChartArguments, title: str | None) -> PILImage.Image:
 
 
 def main() -> None:
-    parser = HfArgumentParser((FigureArguments, GridArguments, IoUChartArguments, CurvesArguments))
-    figure_args, grid_args, iou_args, curves_args = parser.parse_args_into_dataclasses()
+    parser = HfArgumentParser(
+        (FigureArguments, GridArguments, InferenceProtocolArguments, IoUChartArguments, CurvesArguments)
+    )
+    figure_args, grid_args, protocol_args, iou_args, curves_args = parser.parse_args_into_dataclasses()
     if figure_args.figure == "grid":
-        image = grid_figure(grid_args)
+        image = grid_figure(grid_args, protocol_args)
     elif figure_args.figure == "iou":
         image = iou_figure(iou_args, figure_args.title)
     else:

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import TWO_CPU_PROCESSES_LAUNCH, save_tiny_model
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor
 
-from cps_hf import CPSConfig, CPSForSemanticSegmentation, create_image_processor
+from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SupervisedSegmentationDataset, load_segmentation_dataset
 from cps_hf.inference import evaluate_model, load_image_normalization
 from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
@@ -36,22 +37,7 @@ def single_thread():
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:
-    model_dir = tmp_path_factory.mktemp("model")
-    config = CPSConfig(
-        backbone="test_resnet",
-        num_labels=NUM_LABELS,
-        multi_grid=None,
-        aspp_channels=16,
-        low_level_channels=8,
-        decoder_channels=16,
-        id2label=dict(enumerate(SYNTHETIC_CLASS_NAMES)),
-        label2id={name: index for index, name in enumerate(SYNTHETIC_CLASS_NAMES)},
-    )
-    torch.manual_seed(0)
-    model = CPSForSemanticSegmentation(config)
-    model.save_pretrained(model_dir)
-    create_image_processor(config).save_pretrained(model_dir)
-    return model_dir
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -161,19 +147,7 @@ def test_predict_script_writes_palette_masks_and_overlays(tmp_path, saved_model)
 def test_evaluate_script_under_two_processes_matches_one(tmp_path, saved_model, saved_dataset):
     single_json, double_json = tmp_path / "single.json", tmp_path / "double.json"
     run_script("evaluate_cps.py", *evaluation_arguments(saved_model, saved_dataset, single_json))
-    launcher = (
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    )
+    launcher = TWO_CPU_PROCESSES_LAUNCH[1:]
     result = run_script(
         "evaluate_cps.py",
         *evaluation_arguments(saved_model, saved_dataset, double_json),

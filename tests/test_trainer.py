@@ -2,15 +2,15 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import TWO_CPU_PROCESSES_LAUNCH, tiny_synthetic_config
 from safetensors.torch import load_file
 from torch import nn
 
-from cps_hf import CPSConfig, CPSForSemanticSegmentation
+from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset, collate_semi_supervised
 from cps_hf.experiment import parse_experiment_arguments, run_experiment
 from cps_hf.losses import cross_pseudo_supervision_loss, supervised_cross_entropy
@@ -39,17 +39,7 @@ def synthetic_splits(synthetic_cache):
 
 
 def small_model() -> CPSForSemanticSegmentation:
-    config = CPSConfig(
-        backbone="test_resnet",
-        num_labels=NUM_LABELS,
-        multi_grid=None,
-        aspp_channels=16,
-        low_level_channels=8,
-        decoder_channels=16,
-        id2label=dict(enumerate(SYNTHETIC_CLASS_NAMES)),
-        label2id={name: index for index, name in enumerate(SYNTHETIC_CLASS_NAMES)},
-    )
-    return CPSForSemanticSegmentation(config)
+    return CPSForSemanticSegmentation(tiny_synthetic_config())
 
 
 def paired_dataset(splits, cutmix: bool = False) -> SemiSupervisedSegmentationDataset:
@@ -407,18 +397,7 @@ def test_exact_resume_from_checkpoint(tmp_path, synthetic_cache):
 def test_two_process_cpu_run_through_accelerate(tmp_path, synthetic_cache):
     output_dir = tmp_path / "ddp"
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *TWO_CPU_PROCESSES_LAUNCH,
         str(REPO_ROOT / "scripts" / "train_cps.py"),
         *experiment_argv(output_dir, synthetic_cache, "--max_steps", "2"),
     ]

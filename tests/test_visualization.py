@@ -13,9 +13,10 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from helpers import save_tiny_model
 from PIL import Image as PILImage
 
-from cps_hf import CPSConfig, CPSForSemanticSegmentation, create_image_processor
+from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import decode_mask, load_segmentation_dataset
 from cps_hf.inference import load_image_normalization, predict_segmentation
 from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
@@ -373,21 +374,7 @@ def test_select_sample_indices():
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:
-    model_dir = tmp_path_factory.mktemp("model")
-    config = CPSConfig(
-        backbone="test_resnet",
-        num_labels=NUM_LABELS,
-        multi_grid=None,
-        aspp_channels=16,
-        low_level_channels=8,
-        decoder_channels=16,
-        id2label=dict(enumerate(SYNTHETIC_CLASS_NAMES)),
-        label2id={name: index for index, name in enumerate(SYNTHETIC_CLASS_NAMES)},
-    )
-    torch.manual_seed(0)
-    CPSForSemanticSegmentation(config).save_pretrained(model_dir)
-    create_image_processor(config).save_pretrained(model_dir)
-    return model_dir
+    return save_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
