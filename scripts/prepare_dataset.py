@@ -1,0 +1,55 @@
+"""Convert a segmentation dataset on disk to a `save_to_disk` folder that `scripts/train_cps.py` reads.
+
+    python scripts/prepare_dataset.py camvid --source ../shared/datasets/camvid --output data/camvid
+    python scripts/prepare_dataset.py folder --source images/ --masks masks/ --class_names background cat dog \\
+        --split train --output data/pets --parquet
+
+The class names are stored in each split's `info.description`, so training needs no `--class_names`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from cps_hf.converters import convert_camvid, convert_folder, save_dataset
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("layout", choices=["camvid", "folder"], help="Source layout.")
+    parser.add_argument("--source", type=Path, required=True, help="CamVid folder, or the images folder.")
+    parser.add_argument("--output", type=Path, required=True, help="Output folder (save_to_disk).")
+    parser.add_argument("--masks", type=Path, default=None, help="Masks folder (layout 'folder').")
+    parser.add_argument(
+        "--class_names",
+        nargs="+",
+        default=None,
+        help="Class names in id order (layout 'folder'; default: inferred).",
+    )
+    parser.add_argument("--split", default="train", help="Split name (layout 'folder').")
+    parser.add_argument("--parquet", action="store_true", help="Also write <output>/parquet/<split>.parquet.")
+    args = parser.parse_args(argv)
+    if args.layout == "folder" and args.masks is None:
+        parser.error("layout 'folder' needs --masks.")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    if args.layout == "camvid":
+        dataset_dict = convert_camvid(args.source)
+    else:
+        dataset_dict = convert_folder(args.source, args.masks, args.class_names, split=args.split)
+    save_dataset(dataset_dict, args.output, parquet=args.parquet)
+    for split, dataset in dataset_dict.items():
+        print(f"{split}: {len(dataset)} rows")
+    print(f"Saved to {args.output} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
