@@ -156,6 +156,15 @@ def load_segmentation_dataset(
     return loaded
 
 
+def get_split(dataset_dict: datasets.DatasetDict, split: str, dataset_name: str | None) -> datasets.Dataset:
+    """The split `split` of `dataset_dict`, or a `ValueError` naming the dataset and the splits it has."""
+    if split not in dataset_dict:
+        raise ValueError(
+            f"Dataset {dataset_name!r} has no split {split!r}; available: {sorted(dataset_dict)}."
+        )
+    return dataset_dict[split]
+
+
 def check_columns(
     dataset: datasets.Dataset,
     image_column: str,

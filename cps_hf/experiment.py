@@ -22,6 +22,7 @@ from .data import (
     SupervisedSegmentationDataset,
     check_columns,
     collate_semi_supervised,
+    get_split,
     load_segmentation_dataset,
     select_labeled_indices,
     split_fingerprint,
@@ -251,12 +252,7 @@ def build_data(
     dataset_dict = load_segmentation_dataset(
         data_args.dataset_name, cache_dir=data_args.cache_dir, **synthetic_kwargs
     )
-    if data_args.train_split not in dataset_dict:
-        raise ValueError(
-            f"Dataset {data_args.dataset_name!r} has no split {data_args.train_split!r}; "
-            f"available: {sorted(dataset_dict)}."
-        )
-    train_split = dataset_dict[data_args.train_split]
+    train_split = get_split(dataset_dict, data_args.train_split, data_args.dataset_name)
     check_columns(train_split, data_args.image_column, data_args.label_column)
     class_names = resolve_class_names(data_args, train_split)
     labeled_indices = select_labeled_indices(
@@ -290,9 +286,11 @@ def build_data(
     else:
         unlabeled_dataset = None
         if data_args.unlabeled_dataset_name is not None:
-            unlabeled_dataset = load_segmentation_dataset(
-                data_args.unlabeled_dataset_name, cache_dir=data_args.cache_dir
-            )[data_args.unlabeled_split]
+            unlabeled_dataset = get_split(
+                load_segmentation_dataset(data_args.unlabeled_dataset_name, cache_dir=data_args.cache_dir),
+                data_args.unlabeled_split,
+                data_args.unlabeled_dataset_name,
+            )
         train_dataset = SemiSupervisedSegmentationDataset(
             train_split,
             labeled_indices,
@@ -308,12 +306,7 @@ def build_data(
 
     eval_dataset = None
     if data_args.eval_split is not None:
-        if data_args.eval_split not in dataset_dict:
-            raise ValueError(
-                f"Dataset {data_args.dataset_name!r} has no split {data_args.eval_split!r}; "
-                f"available: {sorted(dataset_dict)}."
-            )
-        eval_split = dataset_dict[data_args.eval_split]
+        eval_split = get_split(dataset_dict, data_args.eval_split, data_args.dataset_name)
         eval_indices = None
         if data_args.max_eval_samples is not None:
             eval_indices = list(range(min(data_args.max_eval_samples, len(eval_split))))

@@ -283,9 +283,7 @@ class CPSTrainer(Trainer):
             pseudo_labels = [
                 mix_with_mask(source, partner, masks).argmax(dim=1) for source, partner in teacher_pairs
             ]
-            mixed_images = mix_with_mask(
-                inputs["unlabeled_pixel_values"], inputs["mix_unlabeled_pixel_values"], masks
-            )
+            mixed_images = mix_with_mask(source_images, partner_images, masks)
             student_logits = model(pixel_values=mixed_images, output_branch_logits=True).branch_logits
             cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels)
             labeled_logits = model(

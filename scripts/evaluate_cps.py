@@ -27,6 +27,7 @@ from cps_hf.data import (
     SegmentationTransform,
     SupervisedSegmentationDataset,
     check_columns,
+    get_split,
     load_segmentation_dataset,
 )
 from cps_hf.inference import (
@@ -91,11 +92,7 @@ def main() -> None:
     mean, std = load_image_normalization(args.model, config.backbone)
 
     dataset_dict = load_segmentation_dataset(args.dataset_name, cache_dir=args.cache_dir)
-    if args.split not in dataset_dict:
-        raise ValueError(
-            f"Dataset {args.dataset_name!r} has no split {args.split!r}; available: {sorted(dataset_dict)}."
-        )
-    split = dataset_dict[args.split]
+    split = get_split(dataset_dict, args.split, args.dataset_name)
     check_columns(split, args.image_column, args.label_column, args.split)
     indices = None if args.max_samples is None else range(min(args.max_samples, len(split)))
     transform = SegmentationTransform(

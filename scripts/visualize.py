@@ -22,7 +22,7 @@ import torch
 from PIL import Image as PILImage
 from transformers import AutoConfig, HfArgumentParser
 
-from cps_hf.data import check_columns, decode_mask, load_segmentation_dataset
+from cps_hf.data import check_columns, decode_mask, get_split, load_segmentation_dataset
 from cps_hf.inference import InferenceProtocolArguments, parse_branch_selection
 from cps_hf.visualization import (
     GridLayout,
@@ -121,11 +121,7 @@ def grid_figure(args: GridArguments, protocol_args: InferenceProtocolArguments) 
         protocol["branch"] = parse_branch_selection([args.branch])[0]
 
     dataset_dict = load_segmentation_dataset(args.dataset_name, cache_dir=args.cache_dir)
-    if args.split not in dataset_dict:
-        raise ValueError(
-            f"Dataset {args.dataset_name!r} has no split {args.split!r}; available: {sorted(dataset_dict)}."
-        )
-    split = dataset_dict[args.split]
+    split = get_split(dataset_dict, args.split, args.dataset_name)
     check_columns(split, args.image_column, args.label_column, args.split)
     indices = select_sample_indices(
         split, args.num_samples, sample_ids=args.sample_ids, seed=args.seed, id_column=args.id_column

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import datasets
@@ -33,15 +32,6 @@ from cps_hf.data import (
 
 OFFICIAL_SPLIT_FILE = Path("/work/shared/datasets/cps-splits/voc/train_aug_labeled_1-8.txt")
 NUM_LABELS = 5
-
-
-@pytest.fixture(autouse=True)
-def single_torch_thread() -> Iterator[None]:
-    # Tiny tensors: thread hand-offs cost more than they save on a busy 2-core machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def png_bytes(array: np.ndarray, mode: str | None = None, palette: list[int] | None = None) -> bytes:

@@ -57,15 +57,6 @@ def horizontal_model(seed: int = 0) -> ToyBranchModel:
     return ToyBranchModel([nn.Conv2d(3, NUM_LABELS, (1, 3), padding=(0, 1)) for _ in range(2)])
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # Tiny tensors: thread start-up costs more than it saves, and on a loaded machine two threads can be 100x slower.
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 @pytest.fixture
 def tiny_model(tiny_config):
     torch.manual_seed(0)

@@ -27,14 +27,6 @@ SUBPROCESS_ENV = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model"))

@@ -77,14 +77,6 @@ def grid_inputs(num_samples: int, num_models: int):
     return images, ground_truths, predictions
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # Qualitative grid
 # --------------------------------------------------------------------------------------------------------------
