@@ -1,6 +1,7 @@
 """Convert a segmentation dataset on disk to a `save_to_disk` folder that `scripts/train_cps.py` reads.
 
     python scripts/prepare_dataset.py camvid --source ../shared/datasets/camvid --output data/camvid
+    python scripts/prepare_dataset.py camvid --source ../shared/datasets/camvid --output data/camvid-180x240 --downscale 2
     python scripts/prepare_dataset.py folder --source images/ --masks masks/ --class_names background cat dog \\
         --split train --output data/pets --parquet
 
@@ -13,7 +14,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cps_hf.converters import convert_camvid, convert_folder, save_dataset
+from cps_hf.converters import convert_camvid, convert_folder, downscale_dataset, save_dataset
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,6 +33,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--split", default="train", help="Split name (layout 'folder').")
     parser.add_argument("--parquet", action="store_true", help="Also write <output>/parquet/<split>.parquet.")
+    parser.add_argument(
+        "--downscale",
+        type=int,
+        default=1,
+        help="Shrink images and masks by this integer factor (CPU-sized data).",
+    )
     args = parser.parse_args(argv)
     if args.layout == "folder" and args.masks is None:
         parser.error("layout 'folder' needs --masks.")
@@ -45,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset_dict = convert_camvid(args.source)
     else:
         dataset_dict = convert_folder(args.source, args.masks, args.class_names, split=args.split)
+    dataset_dict = downscale_dataset(dataset_dict, args.downscale)
     save_dataset(dataset_dict, args.output, parquet=args.parquet)
     for split, dataset in dataset_dict.items():
         print(f"{split}: {len(dataset)} rows")
