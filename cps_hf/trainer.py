@@ -169,6 +169,26 @@ class CPSTrainer(Trainer):
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
             nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
 
+    def _get_dataloader(
+        self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
+    ):
+        # Training batches are always full (as in the paper; a last batch of one image would also break train-mode
+        # BatchNorm), evaluation never drops images: `dataloader_drop_last` is set per loader, not globally.
+        user_drop_last = self.args.dataloader_drop_last
+        self.args.dataloader_drop_last = is_training
+        try:
+            dataloader = super()._get_dataloader(
+                dataset, description, batch_size, sampler_fn, is_training, dataloader_key
+            )
+        finally:
+            self.args.dataloader_drop_last = user_drop_last
+        if is_training and len(dataloader) == 0:
+            raise ValueError(
+                f"The training set ({len(dataset)} samples per epoch) is smaller than one batch of "
+                f"{batch_size} per device x {self.args.world_size} processes; lower --per_device_train_batch_size."
+            )
+        return dataloader
+
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         """Only convolution and linear weights decay; biases and every norm layer's parameters do not."""
         decayed_types = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)

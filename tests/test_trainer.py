@@ -433,3 +433,39 @@ def test_nonfinite_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, 
 
 def test_gradient_clipping_is_off_by_default_as_in_the_paper(tmp_path):
     assert CPSTrainingArguments(output_dir=str(tmp_path)).max_grad_norm == 0.0
+
+
+def test_training_drops_the_last_partial_batch_and_evaluation_keeps_every_image(tmp_path, synthetic_splits):
+    from cps_hf.data import SupervisedSegmentationDataset
+
+    # 12 unlabelled images in batches of 11: without dropping, every second batch holds one image, which
+    # train-mode BatchNorm of the ASPP pooling branch rejects.
+    trainer = CPSTrainer(
+        model=small_model(),
+        args=training_arguments(
+            tmp_path, per_device_train_batch_size=11, per_device_eval_batch_size=3, dataloader_drop_last=True
+        ),
+        train_dataset=paired_dataset(synthetic_splits),
+        eval_dataset=SupervisedSegmentationDataset(synthetic_splits["validation"], num_labels=NUM_LABELS),
+        data_collator=collate_semi_supervised,
+    )
+    assert len(trainer.get_train_dataloader()) == 1
+    default_trainer = CPSTrainer(
+        model=small_model(),
+        args=training_arguments(tmp_path, per_device_train_batch_size=11),
+        train_dataset=paired_dataset(synthetic_splits),
+        data_collator=collate_semi_supervised,
+    )
+    assert len(default_trainer.get_train_dataloader()) == 1
+    assert sum(len(batch["labels"]) for batch in trainer.get_eval_dataloader()) == 4
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+    too_large = CPSTrainer(
+        model=small_model(),
+        args=training_arguments(tmp_path, per_device_train_batch_size=13),
+        train_dataset=paired_dataset(synthetic_splits),
+        data_collator=collate_semi_supervised,
+    )
+    with pytest.raises(ValueError, match="smaller than one batch of 13"):
+        too_large.get_train_dataloader()
