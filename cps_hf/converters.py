@@ -3,37 +3,62 @@
 Every converter returns splits with the columns `id` (`str`), `image` (`datasets.Image`) and `label`
 (`datasets.Image`: single-channel PNG of class ids, 255 = ignore), and the class names as JSON
 `{"class_names": [...]}` in each split's `info.description` (the convention of [`make_synthetic_segmentation_dataset`],
-read back by `cps_hf.experiment.resolve_class_names`). Image files are stored as their original bytes; a mask is
-re-encoded only when its values are remapped (e.g. CamVid's void id 11 becomes 255).
+read back by `cps_hf.data.dataset_class_names`). Image files are stored as their original bytes; a mask is
+re-encoded only when its values are remapped (e.g. CamVid's void id 11 becomes 255, Cityscapes labelIds become
+trainIds).
+
+Conversion streams: rows are written one by one to Arrow files in the `datasets` cache (`HF_DATASETS_CACHE`), so
+memory does not grow with the dataset; a conversion of unchanged source files (same paths, sizes and modification
+times) reuses them.
 
     >>> from pathlib import Path
-    >>> from cps_hf.converters import convert_camvid, save_dataset
-    >>> dataset_dict = convert_camvid(Path("CamVid"))  # doctest: +SKIP
-    >>> save_dataset(dataset_dict, Path("data/camvid"), parquet=True)  # doctest: +SKIP
+    >>> from cps_hf.converters import convert_voc, save_dataset
+    >>> dataset_dict = convert_voc(Path("VOCdevkit"))  # doctest: +SKIP
+    >>> save_dataset(dataset_dict, Path("data/voc"), parquet=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
-from collections.abc import Sequence
+import tempfile
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import numpy as np
+from datasets.exceptions import DatasetGenerationError
 from datasets.table import embed_table_storage
 from PIL import Image as PILImage
 from transformers.utils import logging
+
+from .data import (
+    CLASS_NAMES_FILE,
+    IMAGE_SUFFIXES,
+    dataset_class_names,
+    read_split_ids,
+    set_dataset_class_names,
+    write_id2label,
+)
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "CAMVID_CLASS_NAMES",
     "CAMVID_VOID_ID",
+    "CITYSCAPES_CLASS_NAMES",
+    "CITYSCAPES_LABEL_ID_TO_TRAIN_ID",
     "IGNORE_INDEX",
+    "VOC_CLASS_NAMES",
     "convert_camvid",
+    "convert_cityscapes",
     "convert_folder",
+    "convert_voc",
     "downscale_dataset",
+    "push_dataset_to_hub",
     "save_dataset",
 ]
 
@@ -58,12 +83,138 @@ CAMVID_CLASS_NAMES: tuple[str, ...] = (
 CAMVID_VOID_ID = 11
 """CamVid's "Unlabelled" id, mapped to `IGNORE_INDEX`."""
 
-IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+VOC_CLASS_NAMES: tuple[str, ...] = (
+    "background",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
+)
+"""The 21 PASCAL VOC 2012 classes, indexed by class id (the mask value; 255 marks object borders, ignored)."""
+
+CITYSCAPES_CLASS_NAMES: tuple[str, ...] = (
+    "road",
+    "sidewalk",
+    "building",
+    "wall",
+    "fence",
+    "pole",
+    "traffic light",
+    "traffic sign",
+    "vegetation",
+    "terrain",
+    "sky",
+    "person",
+    "rider",
+    "car",
+    "truck",
+    "bus",
+    "train",
+    "motorcycle",
+    "bicycle",
+)
+"""The 19 evaluated Cityscapes classes, indexed by trainId."""
+
+CITYSCAPES_LABEL_ID_TO_TRAIN_ID: dict[int, int] = {
+    7: 0,  # road
+    8: 1,  # sidewalk
+    11: 2,  # building
+    12: 3,  # wall
+    13: 4,  # fence
+    17: 5,  # pole
+    19: 6,  # traffic light
+    20: 7,  # traffic sign
+    21: 8,  # vegetation
+    22: 9,  # terrain
+    23: 10,  # sky
+    24: 11,  # person
+    25: 12,  # rider
+    26: 13,  # car
+    27: 14,  # truck
+    28: 15,  # bus
+    31: 16,  # train
+    32: 17,  # motorcycle
+    33: 18,  # bicycle
+}
+"""Cityscapes labelId -> trainId of the 19 evaluated classes (the official `labels.py` table). The other labelIds
+0-33 (unlabeled, ego vehicle, ..., parking, guard rail, caravan, trailer) and the license plate (-1, stored as 255)
+become `IGNORE_INDEX`."""
+_CITYSCAPES_NUM_LABEL_IDS = 34
 
 # Source split name -> split name in the DatasetDict (the project's evaluation split is called "validation").
 _CAMVID_SPLITS: dict[str, str] = {"train": "train", "val": "validation", "test": "test"}
+# Cityscapes' test labels are not public (every pixel is "unlabeled"), so its test split is not converted.
+_CITYSCAPES_SPLITS: dict[str, str] = {"train": "train", "val": "validation"}
 _MASK_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
 _MAX_LISTED = 5
+# Part of the cache key of a conversion: bump when the stored rows of a conversion change for the same sources.
+_CONVERSION_VERSION = 1
+
+
+@dataclass(frozen=True)
+class _LabelEncoding:
+    """How the values of a source mask become stored class ids."""
+
+    lookup: np.ndarray
+    """(256,) int16: the stored value of each source value, -1 where the source value is not allowed."""
+    allowed: str
+    """The allowed source values, in words, for error messages."""
+
+
+def _label_encoding(mapping: Mapping[int, int], allowed: str) -> _LabelEncoding:
+    lookup = np.full(256, -1, dtype=np.int16)
+    for source_value, stored_value in mapping.items():
+        lookup[source_value] = stored_value
+    lookup[IGNORE_INDEX] = IGNORE_INDEX
+    return _LabelEncoding(lookup=lookup, allowed=allowed)
+
+
+def _class_id_encoding(num_classes: int, void_id: int | None = None) -> _LabelEncoding:
+    """Class ids `0 .. num_classes - 1` and 255 are kept; `void_id` (if any) becomes 255."""
+    if not 1 <= num_classes < IGNORE_INDEX:
+        raise ValueError(
+            f"Masks are stored as 8-bit class ids with {IGNORE_INDEX} = ignore: between 1 and {IGNORE_INDEX - 1} "
+            f"classes are supported, got {num_classes}."
+        )
+    mapping = {class_id: class_id for class_id in range(num_classes)}
+    void = ""
+    if void_id is not None:
+        mapping[void_id] = IGNORE_INDEX
+        void = f", void {void_id}"
+    return _label_encoding(
+        mapping, f"the class ids 0..{num_classes - 1}{void} and the ignore index {IGNORE_INDEX}"
+    )
+
+
+def _cityscapes_label_id_encoding() -> _LabelEncoding:
+    mapping = {
+        label_id: CITYSCAPES_LABEL_ID_TO_TRAIN_ID.get(label_id, IGNORE_INDEX)
+        for label_id in range(_CITYSCAPES_NUM_LABEL_IDS)
+    }
+    return _label_encoding(
+        mapping,
+        f"the Cityscapes labelIds 0..{_CITYSCAPES_NUM_LABEL_IDS - 1} and {IGNORE_INDEX} (license plate)",
+    )
+
+
+# One sample: (id, image file, mask file, how the mask's values are stored).
+_Sample = tuple[str, Path, Path, _LabelEncoding]
 
 
 def _features() -> datasets.Features:
@@ -130,48 +281,64 @@ def _encode_mask(values: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _mask_entry(path: Path, num_classes: int, void_id: int | None) -> dict[str, bytes | str | None]:
+def _mask_entry(path: Path, encoding: _LabelEncoding) -> dict[str, bytes | str | None]:
     """Reads, checks and (if needed) remaps one mask; returns an `Image` feature entry."""
     values = _read_mask(path)
-    allowed = set(range(num_classes)) | {IGNORE_INDEX}
-    if void_id is not None:
-        allowed.add(void_id)
     present = np.unique(values)
-    bad = [int(value) for value in present if int(value) not in allowed]
+    bad = [int(value) for value in present if not 0 <= value <= 255 or encoding.lookup[value] < 0]
     if bad:
         raise ValueError(
-            f"Mask {str(path)!r} holds values {bad[: _MAX_LISTED * 2]} outside the class ids 0..{num_classes - 1}"
-            f"{f', void {void_id}' if void_id is not None else ''} and the ignore index {IGNORE_INDEX}."
+            f"Mask {str(path)!r} holds values {bad[: _MAX_LISTED * 2]} outside {encoding.allowed}."
         )
-    needs_remap = void_id is not None and void_id in present
-    # Original bytes only when they already decode to the stored ids as 8-bit single-channel PNG.
+    # Palette PNGs (VOC) keep their bytes: their indices are the class ids, which is what the loaders decode.
     with PILImage.open(path) as mask:
         keep_bytes = mask.format == "PNG" and mask.mode in ("L", "P")
-    if needs_remap:
-        values = np.where(values == void_id, IGNORE_INDEX, values)
-    if needs_remap or not keep_bytes:
-        return {"bytes": _encode_mask(values), "path": None}
-    return {"bytes": path.read_bytes(), "path": None}
+    if keep_bytes and np.array_equal(encoding.lookup[present], present):
+        return {"bytes": path.read_bytes(), "path": None}
+    return {"bytes": _encode_mask(encoding.lookup[values]), "path": None}
+
+
+def _generate_rows(samples: Sequence[_Sample]) -> Iterator[dict[str, object]]:
+    for sample_id, image_path, mask_path, encoding in samples:
+        yield {
+            "id": sample_id,
+            "image": {"bytes": image_path.read_bytes(), "path": None},
+            "label": _mask_entry(mask_path, encoding),
+        }
+
+
+def _conversion_fingerprint(samples: Sequence[_Sample], split: str, class_names: Sequence[str]) -> str:
+    """Cache key of a conversion: the sources' paths, sizes and modification times, and how masks are stored."""
+    digest = hashlib.sha256(
+        f"cps_hf.converters:{_CONVERSION_VERSION}:{split}:{json.dumps(list(class_names))}".encode()
+    )
+    for sample_id, image_path, mask_path, encoding in samples:
+        digest.update(sample_id.encode() + encoding.lookup.tobytes())
+        for path in (image_path, mask_path):
+            stat = path.stat()
+            digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:32]
 
 
 def _build_split(
-    pairs: Sequence[tuple[str, Path, Path]],
-    split: str,
-    class_names: Sequence[str],
-    source_description: str,
-    void_id: int | None = None,
+    samples: Sequence[_Sample], split: str, class_names: Sequence[str], source_description: str
 ) -> datasets.Dataset:
-    ids, images, labels = [], [], []
-    for sample_id, image_path, mask_path in pairs:
-        ids.append(sample_id)
-        images.append({"bytes": image_path.read_bytes(), "path": None})
-        labels.append(_mask_entry(mask_path, len(class_names), void_id))
+    try:
+        dataset = datasets.Dataset.from_generator(
+            _generate_rows,
+            features=_features(),
+            gen_kwargs={"samples": list(samples)},
+            split=split,
+            fingerprint=_conversion_fingerprint(samples, split, class_names),
+        )
+    except DatasetGenerationError as error:
+        # `datasets` wraps the generator's errors; the original names the offending file.
+        if isinstance(error.__cause__, ValueError | OSError):
+            raise error.__cause__ from None
+        raise
     # JSON, so that the class names survive copies of the dataset (see `cps_hf.synthetic`).
-    description = {"dataset": source_description, "class_names": list(class_names)}
-    info = datasets.DatasetInfo(description=json.dumps(description), features=_features())
-    return datasets.Dataset.from_dict(
-        {"id": ids, "image": images, "label": labels}, features=_features(), info=info, split=split
-    )
+    set_dataset_class_names(dataset, class_names, {"dataset": source_description})
+    return dataset
 
 
 def _resolve_listed_path(source: Path, listed: str, list_file: Path, line_number: int) -> Path:
@@ -227,6 +394,7 @@ def convert_camvid(source: Path) -> datasets.DatasetDict:
         ValueError: if no split is found, images and masks do not pair up, or a mask holds values above 11.
     """
     source = _require_dir(Path(source), "CamVid")
+    encoding = _class_id_encoding(len(CAMVID_CLASS_NAMES), void_id=CAMVID_VOID_ID)
     splits: dict[str, datasets.Dataset] = {}
     for source_split, split in _CAMVID_SPLITS.items():
         list_file = source / f"{source_split}.txt"
@@ -239,9 +407,8 @@ def convert_camvid(source: Path) -> datasets.DatasetDict:
         else:
             continue
         logger.info(f"CamVid {source_split}: {len(pairs)} pairs -> split {split!r}.")
-        splits[split] = _build_split(
-            pairs, split, CAMVID_CLASS_NAMES, "CamVid (SegNet 11-class split)", void_id=CAMVID_VOID_ID
-        )
+        samples = [(sample_id, image, mask, encoding) for sample_id, image, mask in pairs]
+        splits[split] = _build_split(samples, split, CAMVID_CLASS_NAMES, "CamVid (SegNet 11-class split)")
     if not splits:
         raise ValueError(
             f"No CamVid split in {str(source)!r}: expected some of {[f'{name}/' for name in _CAMVID_SPLITS]} "
@@ -285,8 +452,263 @@ def convert_folder(
         class_names = [f"class_{index}" for index in range(largest + 1)]
     if not class_names:
         raise ValueError("class_names is empty; pass at least one class name (or None to infer them).")
-    dataset = _build_split(pairs, split, class_names, f"folder {images_dir.name} + {masks_dir.name}")
+    encoding = _class_id_encoding(len(class_names))
+    samples = [(sample_id, image, mask, encoding) for sample_id, image, mask in pairs]
+    dataset = _build_split(samples, split, class_names, f"folder {images_dir.name} + {masks_dir.name}")
     return datasets.DatasetDict({split: dataset})
+
+
+def _existing_dirs(candidates: Sequence[Path]) -> list[Path]:
+    """The candidates that are folders, each once, in order."""
+    found: list[Path] = []
+    for candidate in candidates:
+        if candidate.is_dir() and all(candidate.resolve() != folder.resolve() for folder in found):
+            found.append(candidate)
+    return found
+
+
+def _find_list(folders: Sequence[Path], name: str) -> Path | None:
+    return next((folder / name for folder in folders if (folder / name).is_file()), None)
+
+
+def _read_id_list(list_file: Path) -> list[str]:
+    ids = read_split_ids(list_file)
+    duplicates = sorted(sample_id for sample_id, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise ValueError(
+            f"{str(list_file)!r} lists {len(duplicates)} id(s) more than once, e.g. {duplicates[:_MAX_LISTED]}."
+        )
+    if not ids:
+        raise ValueError(f"{str(list_file)!r} lists no ids.")
+    return ids
+
+
+def _voc_train_ids(
+    list_dirs: Sequence[Path], mask_dirs: Sequence[Path], val_ids: list[str] | None
+) -> tuple[list[str] | None, str]:
+    """The training ids and where they come from: `train_aug.txt`, else the SBD-augmented masks not in val, else
+    `train.txt` (the 1,464 VOC-only images)."""
+    train_aug_list = _find_list(list_dirs, "train_aug.txt")
+    if train_aug_list is not None:
+        return _read_id_list(train_aug_list), str(train_aug_list)
+    aug_dir = next((folder for folder in mask_dirs if folder.name == "SegmentationClassAug"), None)
+    if aug_dir is not None:
+        if val_ids is None:
+            raise FileNotFoundError(
+                f"Found {str(aug_dir)!r} but neither `train_aug.txt` nor `val.txt` in {[str(d) for d in list_dirs]}: "
+                "the train_aug set (SegmentationClassAug masks not in val) cannot be told apart from val."
+            )
+        excluded = set(val_ids)
+        ids = sorted(path.stem for path in aug_dir.glob("*.png") if path.stem not in excluded)
+        return ids, f"the masks of {str(aug_dir)!r} not in val.txt"
+    train_list = _find_list(list_dirs, "train.txt")
+    if train_list is not None:
+        return _read_id_list(train_list), str(train_list)
+    return None, ""
+
+
+def _voc_samples(
+    ids: Sequence[str], origin: str, images_dir: Path, mask_dirs: Sequence[Path], encoding: _LabelEncoding
+) -> list[_Sample]:
+    samples: list[_Sample] = []
+    missing_images, missing_masks = [], []
+    for sample_id in ids:
+        image_path = images_dir / f"{sample_id}.jpg"
+        mask_path = next(
+            (folder / f"{sample_id}.png" for folder in mask_dirs if (folder / f"{sample_id}.png").is_file()),
+            None,
+        )
+        if not image_path.is_file():
+            missing_images.append(sample_id)
+        if mask_path is None:
+            missing_masks.append(sample_id)
+        if image_path.is_file() and mask_path is not None:
+            samples.append((sample_id, image_path, mask_path, encoding))
+    problems = []
+    if missing_images:
+        problems.append(
+            f"{len(missing_images)} without `<id>.jpg` in {str(images_dir)!r} (first: {missing_images[:_MAX_LISTED]})"
+        )
+    if missing_masks:
+        problems.append(
+            f"{len(missing_masks)} without `<id>.png` in any of {[str(folder) for folder in mask_dirs]} "
+            f"(first: {missing_masks[:_MAX_LISTED]})"
+        )
+    if problems:
+        raise FileNotFoundError(f"Of the {len(ids)} ids of {origin}: " + "; ".join(problems) + ".")
+    return samples
+
+
+def convert_voc(source: Path) -> datasets.DatasetDict:
+    """Converts PASCAL VOC 2012 (optionally with the SBD-augmented `SegmentationClassAug` masks) to a `DatasetDict`.
+
+    `source` is a VOCdevkit folder holding `VOC2012/`, or the `VOC2012` folder itself, with:
+
+    - `JPEGImages/<id>.jpg`;
+    - masks `<id>.png`, looked up in this order: `SegmentationClassAug/` (SBD-augmented, greyscale; next to
+      `VOC2012/` or inside it), then `VOC2012/SegmentationClass/` (palette PNGs: their indices are the class ids
+      and are kept as they are);
+    - lists in `VOC2012/ImageSets/Segmentation/` (or `ImageSets/Segmentation/` or directly in `source`): `val.txt`,
+      and `train_aug.txt` or `train.txt`, one id per line (or `image mask` path pairs, see
+      [`~cps_hf.data.read_split_ids`]).
+
+    Splits: `train` is the 10,582-image train_aug set when there is a `train_aug.txt` or, failing that, every
+    `SegmentationClassAug` mask not listed in `val.txt`; without `SegmentationClassAug` it is the 1,464 images of
+    `train.txt`. `validation` is `val.txt` (1,449 images). Ids are the image stems (e.g. `2007_000032`), as in the
+    official CPS split lists. Mask values 0-20 are the 21 classes of [`VOC_CLASS_NAMES`]; 255 stays ignore.
+
+    Args:
+        source (`Path`):
+            The VOCdevkit (or VOC2012) folder.
+
+    Returns:
+        `datasets.DatasetDict`: `train` and/or `validation`, with columns `id`, `image`, `label`.
+
+    Raises:
+        FileNotFoundError: if `JPEGImages/`, every mask folder, or the image or mask of a listed id is missing
+            (the number of such ids and the first few are shown).
+        ValueError: if no split list is found, a list repeats an id, or a mask holds a value in 21..254.
+    """
+    source = _require_dir(Path(source), "VOC")
+    voc_root = source / "VOC2012" if (source / "VOC2012").is_dir() else source
+    images_dir = _require_dir(voc_root / "JPEGImages", "VOC images (JPEGImages)")
+    mask_dirs = _existing_dirs(
+        [source / "SegmentationClassAug", voc_root / "SegmentationClassAug", voc_root / "SegmentationClass"]
+    )
+    if not mask_dirs:
+        raise FileNotFoundError(
+            f"No VOC mask folder: expected `SegmentationClassAug/` in {str(source)!r} or {str(voc_root)!r}, or "
+            f"`SegmentationClass/` in {str(voc_root)!r}."
+        )
+    list_dirs = _existing_dirs(
+        [voc_root / "ImageSets" / "Segmentation", source / "ImageSets" / "Segmentation", source]
+    )
+    val_list = _find_list(list_dirs, "val.txt")
+    val_ids = _read_id_list(val_list) if val_list is not None else None
+    train_ids, train_origin = _voc_train_ids(list_dirs, mask_dirs, val_ids)
+    if train_ids is None and val_ids is None:
+        raise ValueError(
+            f"No VOC split list (train_aug.txt, train.txt, val.txt) in {[str(folder) for folder in list_dirs]}."
+        )
+    if train_ids is not None and val_ids is not None:
+        overlap = sorted(set(train_ids) & set(val_ids))
+        if overlap:
+            logger.warning(
+                f"{len(overlap)} training ids of {train_origin} are also validation ids, e.g. {overlap[:_MAX_LISTED]}."
+            )
+    encoding = _class_id_encoding(len(VOC_CLASS_NAMES))
+    splits: dict[str, datasets.Dataset] = {}
+    for split, ids, origin in (("train", train_ids, train_origin), ("validation", val_ids, str(val_list))):
+        if ids is None:
+            logger.warning(f"No VOC {split} list found: the DatasetDict has no {split!r} split.")
+            continue
+        samples = _voc_samples(ids, origin, images_dir, mask_dirs, encoding)
+        logger.info(f"VOC {split}: {len(samples)} images from {origin}.")
+        splits[split] = _build_split(samples, split, VOC_CLASS_NAMES, f"PASCAL VOC 2012 ({origin})")
+    return datasets.DatasetDict(splits)
+
+
+def _files_by_id(folder: Path, suffix: str) -> dict[str, Path]:
+    """Maps `<id>` -> path for the files `<id><suffix>` under `folder` (any depth, e.g. one folder per city)."""
+    files: dict[str, Path] = {}
+    for path in sorted(folder.rglob(f"*{suffix}")):
+        sample_id = path.name.removesuffix(suffix)
+        if sample_id in files:
+            raise ValueError(
+                f"Two files share the id {sample_id!r} under {str(folder)!r}: {files[sample_id]}, {path}."
+            )
+        files[sample_id] = path
+    return files
+
+
+def _cityscapes_pairs(source: Path, source_split: str) -> tuple[list[_Sample], str] | None:
+    """The samples of one split, in the official layout or the CPS one; `None` if the split is absent."""
+    label_ids, train_ids = _cityscapes_label_id_encoding(), _class_id_encoding(len(CITYSCAPES_CLASS_NAMES))
+    if (source / "leftImg8bit").is_dir():
+        images_dir = source / "leftImg8bit" / source_split
+        if not images_dir.is_dir():
+            return None
+        masks_dir = _require_dir(source / "gtFine" / source_split, f"Cityscapes {source_split} annotation")
+        images = _files_by_id(images_dir, "_leftImg8bit.png")
+        # labelIds are the original annotation; already-converted labelTrainIds serve where they are missing.
+        masks = {
+            **_files_by_id(masks_dir, "_gtFine_labelTrainIds.png"),
+            **_files_by_id(masks_dir, "_gtFine_labelIds.png"),
+        }
+        layout = "leftImg8bit + gtFine"
+    else:
+        images_dir = source / "images" / source_split
+        if not images_dir.is_dir():
+            return None
+        masks_dir = _require_dir(
+            source / "segmentation" / source_split, f"Cityscapes {source_split} segmentation"
+        )
+        images = _files_by_id(images_dir, ".png")
+        masks = _files_by_id(masks_dir, "_gtFine.png")  # already trainIds in this layout
+        layout = "images + segmentation (trainIds)"
+    pairs = _pair_by_stem(images, masks, images_dir, masks_dir)
+    samples = [
+        (sample_id, image, mask, label_ids if mask.name.endswith("_gtFine_labelIds.png") else train_ids)
+        for sample_id, image, mask in pairs
+    ]
+    return samples, layout
+
+
+def convert_cityscapes(source: Path) -> datasets.DatasetDict:
+    """Converts Cityscapes (fine annotations) to a `DatasetDict` with the 19 evaluated classes.
+
+    Two layouts are read:
+
+    - the official one: `leftImg8bit/<split>/<city>/<id>_leftImg8bit.png` and
+      `gtFine/<split>/<city>/<id>_gtFine_labelIds.png`; the labelIds are mapped to the 19 trainIds with
+      [`CITYSCAPES_LABEL_ID_TO_TRAIN_ID`] (every other labelId, and 255, becomes 255). Where a `labelIds` file is
+      missing, an already-converted `<id>_gtFine_labelTrainIds.png` is used as it is;
+    - the one of the CPS code's data release: `images/<split>/<id>.png` and `segmentation/<split>/<id>_gtFine.png`
+      (trainIds).
+
+    Splits: `train` (2,975 images) and `validation` (from `val`, 500 images). The test split is not converted: its
+    public labels are all "unlabeled". Ids are `<city>_<seq>_<frame>` (e.g. `jena_000078_000019`), the ids of the
+    official CPS split lists.
+
+    Args:
+        source (`Path`):
+            The Cityscapes folder.
+
+    Returns:
+        `datasets.DatasetDict`: `train` and/or `validation`, with columns `id`, `image`, `label`.
+
+    Raises:
+        FileNotFoundError: if `source` or the annotation folder of a split is missing, or neither layout is found.
+        ValueError: if images and masks do not pair up, or a labelIds mask holds a value in 34..254 (a trainIds mask:
+            in 19..254).
+    """
+    source = _require_dir(Path(source), "Cityscapes")
+    if not ((source / "leftImg8bit").is_dir() or (source / "images").is_dir()):
+        raise FileNotFoundError(
+            f"No Cityscapes layout in {str(source)!r}: expected `leftImg8bit/` + `gtFine/`, or `images/` + "
+            "`segmentation/`."
+        )
+    splits: dict[str, datasets.Dataset] = {}
+    for source_split, split in _CITYSCAPES_SPLITS.items():
+        found = _cityscapes_pairs(source, source_split)
+        if found is None:
+            continue
+        samples, layout = found
+        logger.info(f"Cityscapes {source_split} ({layout}): {len(samples)} pairs -> split {split!r}.")
+        splits[split] = _build_split(samples, split, CITYSCAPES_CLASS_NAMES, f"Cityscapes fine ({layout})")
+    if (source / "leftImg8bit" / "test").is_dir() or (source / "images" / "test").is_dir():
+        logger.info("Cityscapes test split skipped: its public labels are all 'unlabeled'.")
+    if not splits:
+        raise ValueError(f"No Cityscapes train or val split in {str(source)!r}.")
+    return datasets.DatasetDict(splits)
+
+
+def _shared_class_names(dataset_dict: datasets.DatasetDict) -> list[str] | None:
+    names = {split: dataset_class_names(dataset) for split, dataset in dataset_dict.items()}
+    distinct = {tuple(split_names) for split_names in names.values() if split_names is not None}
+    if len(distinct) > 1:
+        raise ValueError(f"The splits name different classes: {names}.")
+    return list(distinct.pop()) if distinct else None
 
 
 def save_dataset(dataset_dict: datasets.DatasetDict, output: Path, parquet: bool = False) -> None:
@@ -298,9 +720,9 @@ def save_dataset(dataset_dict: datasets.DatasetDict, output: Path, parquet: bool
         output (`Path`):
             Target folder; load it back with `cps_hf.data.load_segmentation_dataset(str(output))`.
         parquet (`bool`, *optional*, defaults to `False`):
-            Also write `output/parquet/<split>.parquet` with the image bytes embedded (a folder that
-            `load_segmentation_dataset` also reads, e.g. for uploading to the Hub); the parquet files do not keep
-            `info.description`, so training from them needs `--class_names`).
+            Also write `output/parquet/<split>.parquet` with the image bytes embedded, and
+            `output/parquet/id2label.json` naming the classes: a folder that `load_segmentation_dataset` also reads
+            (class names included), e.g. to copy or upload elsewhere.
     """
     output = Path(output)
     dataset_dict.save_to_disk(str(output))
@@ -313,6 +735,9 @@ def save_dataset(dataset_dict: datasets.DatasetDict, output: Path, parquet: bool
         embedded = dataset.with_format("arrow").map(embed_table_storage, batched=True).with_format(None)
         embedded.to_parquet(str(parquet_dir / f"{split}.parquet"))
         logger.info(f"Wrote {parquet_dir / f'{split}.parquet'} ({len(dataset)} rows).")
+    class_names = _shared_class_names(dataset_dict)
+    if class_names is not None:
+        write_id2label(parquet_dir / CLASS_NAMES_FILE, class_names)
 
 
 def _downscaled_bytes(value: dict[str, bytes | str | None], factor: int, resample: int) -> bytes:
@@ -367,3 +792,51 @@ def downscale_dataset(dataset_dict: datasets.DatasetDict, factor: int) -> datase
         shrunk.info.description = dataset.info.description
         downscaled[split] = shrunk
     return datasets.DatasetDict(downscaled)
+
+
+def push_dataset_to_hub(
+    dataset_dict: datasets.DatasetDict, repo_id: str, *, private: bool = False, token: str | None = None
+) -> None:
+    """Uploads converted splits to a Hub dataset repo: parquet shards with embedded bytes
+    (`DatasetDict.push_to_hub`) and an `id2label.json` naming the classes, which `load_segmentation_dataset(repo_id)`
+    reads back.
+
+    Args:
+        dataset_dict (`datasets.DatasetDict`):
+            The converted splits.
+        repo_id (`str`):
+            The dataset repo, e.g. `"me/voc-aug"` (created if needed).
+        private (`bool`, *optional*, defaults to `False`):
+            Create the repo as private.
+        token (`str`, *optional*):
+            Hub token; defaults to the stored login (`hf auth login`) or `HF_TOKEN`.
+
+    Raises:
+        ConnectionError: if offline mode is on (`HF_HUB_OFFLINE=1`) or the upload fails (the cause is chained).
+    """
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ConnectionError(
+            f"Cannot push to the Hub dataset {repo_id!r}: offline mode is on (HF_HUB_OFFLINE=1). Unset it and log in "
+            "(`hf auth login`), or share the saved folder instead."
+        )
+    class_names = _shared_class_names(dataset_dict)
+    try:
+        dataset_dict.push_to_hub(repo_id, private=private, token=token)
+        if class_names is not None:
+            with tempfile.TemporaryDirectory() as folder:
+                HfApi(token=token).upload_file(
+                    path_or_fileobj=write_id2label(Path(folder) / CLASS_NAMES_FILE, class_names),
+                    path_in_repo=CLASS_NAMES_FILE,
+                    repo_id=repo_id,
+                    repo_type="dataset",
+                    commit_message="Class names (id2label.json)",
+                )
+    # The Hub client's transport errors are not `OSError`s, so every failure is reported the same way.
+    except Exception as error:
+        raise ConnectionError(
+            f"Could not push the dataset to the Hub repo {repo_id!r} ({type(error).__name__}: {error}). Check the "
+            "connection and the token (`hf auth login` or HF_TOKEN)."
+        ) from error
+    logger.info(f"Pushed {dict(dataset_dict.num_rows)} rows to the Hub dataset {repo_id!r}.")

@@ -5,7 +5,8 @@ The pieces, in the order a training script uses them:
 1. [`load_segmentation_dataset`] turns a name into a `datasets.DatasetDict` (a `save_to_disk` folder, a folder of
    parquet files, an `imagefolder` folder, a Hub id, or `"synthetic"` for the embedded generated dataset).
 2. [`select_labeled_indices`] picks the labelled rows of the train split (an official split file of ids, a
-   fraction or a count); [`split_fingerprint`] names that choice so a run can record it.
+   fraction or a count); [`split_fingerprint`] names that choice so a run can record it;
+   [`make_labeled_partitions`] writes seeded 1/16 .. 1/2 split files for any dataset.
 3. [`SemiSupervisedSegmentationDataset`] pairs every unlabelled sample with a labelled one (and, for CutMix, a
    second unlabelled sample and a box mask) and augments them with [`SegmentationTransform`];
    [`SupervisedSegmentationDataset`] serves an evaluation split (or a supervised-only training set).
@@ -19,9 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,8 +40,10 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 __all__ = [
+    "CLASS_NAMES_FILE",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "IMAGE_SUFFIXES",
     "PAPER_SCALES",
     "SemiSupervisedSegmentationDataset",
     "SegmentationTransform",
@@ -46,19 +52,35 @@ __all__ = [
     "check_columns",
     "collate_semi_supervised",
     "complement_indices",
+    "dataset_class_names",
     "decode_image",
     "decode_mask",
+    "file_sha256",
+    "fraction_tag",
     "item_seed",
     "load_segmentation_dataset",
+    "make_labeled_partitions",
+    "parse_fraction",
+    "read_id2label",
     "read_split_ids",
+    "select_indices_from_ids_file",
     "select_labeled_indices",
+    "set_dataset_class_names",
     "split_fingerprint",
+    "split_line_id",
+    "write_id2label",
+    "write_labeled_partitions",
 ]
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 PAPER_SCALES: tuple[float, ...] = (0.5, 0.75, 1.0, 1.5, 1.75, 2.0)
 """Random-scale factors of the CPS recipe, chosen uniformly."""
+IMAGE_SUFFIXES: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+"""File suffixes read as images (by the converters, and to recognise file names in split lists)."""
+CLASS_NAMES_FILE = "id2label.json"
+"""Names the classes next to parquet files and in a Hub dataset repo, as `{"0": "background", ...}` (the file the
+transformers semantic-segmentation example reads)."""
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 _MASK_MODES = ("P", "L", "1", "I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -86,11 +108,16 @@ def load_segmentation_dataset(
     - a folder written by `DatasetDict.save_to_disk` (has `dataset_dict.json`) or `Dataset.save_to_disk` (the
       single dataset becomes split `"train"`);
     - a folder holding `*.parquet` files (searched recursively); the split of a file is the part of its name before
-      the first `-`, e.g. `train-00000-of-00002.parquet` and `train.parquet` both belong to `"train"`;
-    - a single `.parquet` file (split `"train"`);
+      the first `-`, e.g. `train-00000-of-00002.parquet` and `train.parquet` both belong to `"train"`; an
+      `id2label.json` ([`CLASS_NAMES_FILE`]) in the folder names the classes;
+    - a single `.parquet` file (split `"train"`; class names from an `id2label.json` next to it);
     - any other folder, loaded as an `imagefolder` (a `metadata.csv` with `file_name,mask_file_name` per split
       folder gives the columns `image` and `mask`: pass `label_column="mask"` downstream);
-    - otherwise a Hub dataset id, loaded with `datasets.load_dataset(dataset_name, **kwargs)`.
+    - otherwise a Hub dataset id, loaded with `datasets.load_dataset(dataset_name, **kwargs)`; an `id2label.json`
+      in the dataset repo names the classes.
+
+    Class names found in an `id2label.json` are stored in every split's `info.description` (see
+    [`dataset_class_names`]), as the converters of `cps_hf.converters` do for `save_to_disk` folders.
 
     Args:
         dataset_name (`str`, *optional*):
@@ -126,14 +153,18 @@ def load_segmentation_dataset(
             for file_path in parquet_files:
                 data_files[_parquet_split_name(file_path)].append(str(file_path))
             logger.info(f"Loading parquet files from {local_path} as splits {sorted(data_files)}.")
-            return datasets.load_dataset(
+            loaded = datasets.load_dataset(
                 "parquet", data_files=dict(data_files), cache_dir=cache_dir, **kwargs
             )
+            _attach_class_names_file(loaded, local_path / CLASS_NAMES_FILE)
+            return loaded
         return datasets.load_dataset("imagefolder", data_dir=str(local_path), cache_dir=cache_dir, **kwargs)
     if local_path.is_file() and local_path.suffix == ".parquet":
-        return datasets.load_dataset(
+        loaded = datasets.load_dataset(
             "parquet", data_files={"train": str(local_path)}, cache_dir=cache_dir, **kwargs
         )
+        _attach_class_names_file(loaded, local_path.parent / CLASS_NAMES_FILE)
+        return loaded
     if dataset_name.startswith((".", "/", "~")) or local_path.is_file():
         raise FileNotFoundError(
             f"Dataset path {dataset_name!r} is not a folder (expected a save_to_disk folder, a folder of parquet "
@@ -153,7 +184,92 @@ def load_segmentation_dataset(
             f"Expected a DatasetDict for {dataset_name!r}, got {type(loaded).__name__}; do not pass `split` or "
             "`streaming=True`."
         )
+    _attach_class_names_file(loaded, _download_hub_class_names_file(dataset_name, kwargs.get("revision")))
     return loaded
+
+
+def _download_hub_class_names_file(repo_id: str, revision: str | None) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return Path(hf_hub_download(repo_id, CLASS_NAMES_FILE, repo_type="dataset", revision=revision))
+    except (EntryNotFoundError, OSError) as error:
+        logger.info(f"No {CLASS_NAMES_FILE} in the Hub dataset {repo_id!r} ({type(error).__name__}).")
+        return None
+
+
+def _attach_class_names_file(dataset_dict: datasets.DatasetDict, path: Path | None) -> None:
+    """Stores the class names of an `id2label.json` in the splits that do not name their classes yet."""
+    if path is None or not path.is_file():
+        return
+    class_names = read_id2label(path)
+    for dataset in dataset_dict.values():
+        if dataset_class_names(dataset) is None:
+            set_dataset_class_names(dataset, class_names)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Class names
+# --------------------------------------------------------------------------------------------------------------
+
+
+def dataset_class_names(dataset: datasets.Dataset) -> list[str] | None:
+    """The class names a split stores in its `info.description` (JSON with a `"class_names"` list), or `None`."""
+    try:
+        names = json.loads(dataset.info.description or "").get("class_names")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return [str(name) for name in names] if names else None
+
+
+def set_dataset_class_names(
+    dataset: datasets.Dataset, class_names: Sequence[str], details: Mapping[str, Any] | None = None
+) -> None:
+    """Stores `class_names` (and JSON-serialisable `details`, e.g. `{"dataset": "CamVid"}`) in
+    `dataset.info.description`.
+
+    The description is JSON (`{"class_names": [...], ...}`) so that it survives `save_to_disk`, `select` and the
+    other copies `datasets` makes; other keys of a JSON description are kept, a plain-text description is kept
+    under `"description"`.
+    """
+    try:
+        description = json.loads(dataset.info.description or "{}")
+    except json.JSONDecodeError:
+        description = None
+    if not isinstance(description, dict):
+        description = {"description": dataset.info.description}
+    description.update(details or {})
+    description["class_names"] = [str(name) for name in class_names]
+    dataset.info.description = json.dumps(description)
+
+
+def write_id2label(path: str | os.PathLike, class_names: Sequence[str]) -> Path:
+    """Writes `{"0": name_0, "1": name_1, ...}` to `path` (see [`CLASS_NAMES_FILE`]) and returns the path."""
+    path = Path(path)
+    path.write_text(json.dumps({str(index): str(name) for index, name in enumerate(class_names)}, indent=2))
+    return path
+
+
+def read_id2label(path: str | os.PathLike) -> list[str]:
+    """Reads an `id2label.json` (`{"0": name_0, ...}`) into the list of class names in id order.
+
+    Raises:
+        ValueError: if the file is not such a mapping or the ids are not `0 .. n-1`.
+    """
+    mapping = json.loads(Path(path).read_text())
+    if not isinstance(mapping, dict) or not mapping:
+        raise ValueError(f"{str(path)!r} must hold a non-empty JSON object `{{'0': name, ...}}`.")
+    try:
+        names_by_id = {int(key): str(name) for key, name in mapping.items()}
+    except ValueError:
+        raise ValueError(f"{str(path)!r}: keys must be class ids, got {list(mapping)[:5]}.") from None
+    if sorted(names_by_id) != list(range(len(names_by_id))):
+        raise ValueError(
+            f"{str(path)!r} must name the classes 0..{len(names_by_id) - 1} without gaps, got ids "
+            f"{sorted(names_by_id)[:10]}."
+        )
+    return [names_by_id[index] for index in range(len(names_by_id))]
 
 
 def get_split(dataset_dict: datasets.DatasetDict, split: str, dataset_name: str | None) -> datasets.Dataset:
@@ -201,26 +317,44 @@ def check_columns(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def read_split_ids(path: str | os.PathLike) -> list[str]:
-    """Reads a split file: one sample id per line, as published with the CPS code (e.g. `2007_000032`).
+def split_line_id(line: str) -> str:
+    """The sample id named by one line of a split file.
 
-    Blank lines are ignored and surrounding whitespace is stripped. Lines with several tab-separated fields (the
-    Cityscapes lists, `image_path<TAB>label_path`) contribute their first field.
+    - `2007_000032` (the VOC lists): the line itself;
+    - `/images/train/jena_000078_000019.png<TAB>/segmentation/train/jena_000078_000019_gtFine.png` (the Cityscapes
+      lists), `image annotation` (SegNet lists) or a single path such as `JPEGImages/2007_000032.jpg`: the file
+      stem of the first field, without Cityscapes' `_leftImg8bit` suffix (`jena_000078_000019`), which is the `id`
+      the converters of `cps_hf.converters` give that image.
+
+    Args:
+        line (`str`):
+            One non-blank line, surrounding whitespace stripped.
+
+    Returns:
+        `str`: the sample id.
+    """
+    fields = line.split("\t") if "\t" in line else line.split()
+    first = fields[0].strip()
+    is_path = len(fields) > 1 or "/" in first or "\\" in first or Path(first).suffix.lower() in IMAGE_SUFFIXES
+    return Path(first.replace("\\", "/")).stem.removesuffix("_leftImg8bit") if is_path else first
+
+
+def read_split_ids(path: str | os.PathLike) -> list[str]:
+    """Reads a split file in either official format: one sample id per line (VOC, e.g. `2007_000032`), or
+    `image_path<TAB>label_path` lines (Cityscapes, e.g. `/images/train/jena_000078_000019.png<TAB>...`).
+
+    Blank lines are ignored and surrounding whitespace (including Windows line ends) is stripped; the id of a
+    line is given by [`split_line_id`].
 
     Args:
         path (`str` or `os.PathLike`):
             The split file.
 
     Returns:
-        `list[str]`: the ids in file order.
+        `list[str]`: the ids in file order (duplicates kept; [`select_indices_from_ids_file`] reports them).
     """
-    ids = []
     with open(path, encoding="utf-8") as split_file:
-        for line in split_file:
-            line = line.strip()
-            if line:
-                ids.append(line.split("\t")[0].strip())
-    return ids
+        return [split_line_id(line.strip()) for line in split_file if line.strip()]
 
 
 def _dataset_ids(dataset: datasets.Dataset, id_column: str) -> list[str]:
@@ -229,11 +363,61 @@ def _dataset_ids(dataset: datasets.Dataset, id_column: str) -> list[str]:
     return [str(row) for row in range(len(dataset))]
 
 
+def select_indices_from_ids_file(
+    dataset: datasets.Dataset, ids_file: str | os.PathLike, *, id_column: str = "id"
+) -> list[int]:
+    """The rows of `dataset` whose ids a split file lists (see [`read_split_ids`]).
+
+    Args:
+        dataset (`datasets.Dataset`):
+            The split the ids refer to.
+        ids_file (`str` or `os.PathLike`):
+            The split file.
+        id_column (`str`, *optional*, defaults to `"id"`):
+            Column holding the sample ids; without it, the ids are row indices written as strings.
+
+    Returns:
+        `list[int]`: the sorted row indices.
+
+    Raises:
+        ValueError: if the file lists no ids, an id more than once, or ids that are not in the dataset (their
+            number, the first few and a few of the dataset's ids are shown).
+    """
+    wanted_ids = read_split_ids(ids_file)
+    if not wanted_ids:
+        raise ValueError(f"Split file {str(ids_file)!r} lists no ids.")
+    duplicates = sorted(sample_id for sample_id, count in Counter(wanted_ids).items() if count > 1)
+    if duplicates:
+        raise ValueError(
+            f"Split file {str(ids_file)!r} lists {len(duplicates)} id(s) more than once, e.g. {duplicates[:5]}."
+        )
+    dataset_ids = _dataset_ids(dataset, id_column)
+    row_by_id: dict[str, int] = {}
+    for row, sample_id in enumerate(dataset_ids):
+        row_by_id.setdefault(sample_id, row)
+    unknown = [sample_id for sample_id in wanted_ids if sample_id not in row_by_id]
+    if unknown:
+        where = (
+            f"column {id_column!r}" if id_column in dataset.column_names else "the row indices (no id column)"
+        )
+        raise ValueError(
+            f"{len(unknown)} of the {len(wanted_ids)} ids in {str(ids_file)!r} are not in the dataset's {where}, "
+            f"e.g. {unknown[:5]} (the dataset's ids look like {dataset_ids[:3]})."
+        )
+    return sorted(row_by_id[sample_id] for sample_id in wanted_ids)
+
+
+def _labeled_count(labeled_fraction: float | Fraction, num_rows: int) -> int:
+    # Rounded up, as the official lists: 1/16 of VOC's 10,582 is 662, 1/8 of Cityscapes' 2,975 is 372. The
+    # fraction is made exact first so that e.g. 0.1 * 30 gives 3, not 4.
+    return max(1, math.ceil(Fraction(labeled_fraction).limit_denominator(10**9) * num_rows))
+
+
 def select_labeled_indices(
     dataset: datasets.Dataset,
     *,
     labeled_ids_file: str | os.PathLike | None = None,
-    labeled_fraction: float | None = None,
+    labeled_fraction: float | Fraction | None = None,
     labeled_count: int | None = None,
     split_seed: int = 0,
     id_column: str = "id",
@@ -249,10 +433,10 @@ def select_labeled_indices(
             The training split.
         labeled_ids_file (`str` or `os.PathLike`, *optional*):
             A split file (see [`read_split_ids`]); its ids are looked up in `id_column`, or, if the dataset has no
-            such column, taken as row indices written as strings.
-        labeled_fraction (`float`, *optional*):
-            Fraction in `(0, 1]` of the rows to label; the count is rounded to the nearest integer (at least 1),
-            e.g. 1/8 of 10,582 gives 1,323 as in the paper.
+            such column, taken as row indices written as strings (see [`select_indices_from_ids_file`]).
+        labeled_fraction (`float` or `fractions.Fraction`, *optional*):
+            Fraction in `(0, 1]` of the rows to label; the count is rounded up, as in the official split lists
+            (1/16, 1/8, 1/4, 1/2 of VOC's 10,582 images: 662, 1,323, 2,646, 5,291).
         labeled_count (`int`, *optional*):
             Number of rows to label.
         split_seed (`int`, *optional*, defaults to 0):
@@ -283,35 +467,12 @@ def select_labeled_indices(
         )
     num_rows = len(dataset)
     if labeled_ids_file is not None:
-        wanted_ids = read_split_ids(labeled_ids_file)
-        if not wanted_ids:
-            raise ValueError(f"Split file {str(labeled_ids_file)!r} lists no ids.")
-        duplicates = sorted(sample_id for sample_id, count in Counter(wanted_ids).items() if count > 1)
-        if duplicates:
-            raise ValueError(
-                f"Split file {str(labeled_ids_file)!r} lists {len(duplicates)} id(s) more than once, e.g. "
-                f"{duplicates[:5]}."
-            )
-        row_by_id: dict[str, int] = {}
-        for row, sample_id in enumerate(_dataset_ids(dataset, id_column)):
-            row_by_id.setdefault(sample_id, row)
-        unknown = [sample_id for sample_id in wanted_ids if sample_id not in row_by_id]
-        if unknown:
-            where = (
-                f"column {id_column!r}"
-                if id_column in dataset.column_names
-                else "the row indices (no id column)"
-            )
-            raise ValueError(
-                f"{len(unknown)} of the {len(wanted_ids)} ids in {str(labeled_ids_file)!r} are not in the dataset's "
-                f"{where}, e.g. {unknown[:5]}."
-            )
-        return sorted(row_by_id[sample_id] for sample_id in wanted_ids)
+        return select_indices_from_ids_file(dataset, labeled_ids_file, id_column=id_column)
 
     if labeled_fraction is not None:
         if not 0.0 < labeled_fraction <= 1.0:
             raise ValueError(f"`labeled_fraction` must be in (0, 1], got {labeled_fraction}.")
-        labeled_count = max(1, int(round(labeled_fraction * num_rows)))
+        labeled_count = _labeled_count(labeled_fraction, num_rows)
     if not 1 <= labeled_count <= num_rows:
         raise ValueError(
             f"`labeled_count` must be between 1 and the number of rows ({num_rows}), got {labeled_count}."
@@ -330,6 +491,118 @@ def split_fingerprint(indices: Sequence[int]) -> str:
     """A short, order-independent fingerprint of a set of row indices (first 16 hex digits of a sha256)."""
     text = ",".join(str(index) for index in sorted(int(index) for index in indices))
     return hashlib.sha256(text.encode("ascii")).hexdigest()[:16]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 hex digest of a file's bytes (e.g. to record which split file a run used)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def parse_fraction(text: str) -> Fraction:
+    """Parses a labelled fraction written as `"1/8"` or `"0.125"`.
+
+    Raises:
+        ValueError: if `text` is not a number or a ratio, or is not in `(0, 1]`.
+    """
+    try:
+        fraction = Fraction(text.strip())
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"Expected a fraction such as '1/8' or '0.125', got {text!r}.") from None
+    if not 0 < fraction <= 1:
+        raise ValueError(f"A labelled fraction must be in (0, 1], got {text!r}.")
+    return fraction
+
+
+def fraction_tag(fraction: Fraction | float) -> str:
+    """The file-name tag of a fraction, as in the official split files: 1/8 -> `"1-8"`, 0.3 -> `"3-10"`."""
+    fraction = Fraction(fraction).limit_denominator(10**9)
+    return f"{fraction.numerator}-{fraction.denominator}"
+
+
+def make_labeled_partitions(
+    dataset: datasets.Dataset,
+    fractions: Sequence[Fraction | float],
+    *,
+    split_seed: int = 0,
+    id_column: str = "id",
+) -> dict[str, tuple[list[str], list[str]]]:
+    """Seeded labelled/unlabelled partitions of a training split, one per fraction.
+
+    The labelled rows of fraction `f` are exactly those that training with `--labeled_fraction f --split_seed
+    split_seed` selects ([`select_labeled_indices`]: the count is rounded up), so training from the written files
+    and training from the fraction use the same rows. Partitions of different fractions are drawn independently
+    and are not guaranteed to be nested, unlike the official CPS lists (1/16 ⊂ 1/8 ⊂ 1/4 ⊂ 1/2).
+
+    Args:
+        dataset (`datasets.Dataset`):
+            The training split.
+        fractions (`Sequence[fractions.Fraction | float]`):
+            Labelled fractions in `(0, 1]`, e.g. `[Fraction(1, 16), Fraction(1, 8)]`.
+        split_seed (`int`, *optional*, defaults to 0):
+            Seed of every draw.
+        id_column (`str`, *optional*, defaults to `"id"`):
+            Column holding the sample ids; without it, the ids are row indices written as strings.
+
+    Returns:
+        `dict[str, tuple[list[str], list[str]]]`: per fraction tag ([`fraction_tag`], e.g. `"1-8"`), the labelled
+        and the unlabelled ids, each in row order.
+
+    Raises:
+        ValueError: if the dataset's ids are not unique (a list of ids could not name the rows) or a fraction is not
+            in `(0, 1]`.
+    """
+    ids = _dataset_ids(dataset, id_column)
+    duplicates = sorted(sample_id for sample_id, count in Counter(ids).items() if count > 1)
+    if duplicates:
+        raise ValueError(
+            f"Column {id_column!r} holds {len(duplicates)} id(s) more than once, e.g. {duplicates[:5]}; split files "
+            "need unique ids."
+        )
+    partitions = {}
+    for fraction in fractions:
+        labeled = select_labeled_indices(
+            dataset, labeled_fraction=fraction, split_seed=split_seed, id_column=id_column
+        )
+        unlabeled = complement_indices(len(ids), labeled)
+        partitions[fraction_tag(fraction)] = ([ids[row] for row in labeled], [ids[row] for row in unlabeled])
+    return partitions
+
+
+def write_labeled_partitions(
+    partitions: Mapping[str, tuple[Sequence[str], Sequence[str]]], output_dir: str | os.PathLike
+) -> dict[str, dict[str, Any]]:
+    """Writes `labeled_<tag>.txt` and `unlabeled_<tag>.txt` per partition: one id per line, the official VOC
+    format, which `--labeled_ids_file` (and `--unlabeled_ids_file`) read.
+
+    Args:
+        partitions (`Mapping[str, tuple[Sequence[str], Sequence[str]]]`):
+            Output of [`make_labeled_partitions`].
+        output_dir (`str` or `os.PathLike`):
+            Folder for the files (created if needed).
+
+    Returns:
+        `dict[str, dict[str, Any]]`: per tag, the file names, the counts and the labelled file's SHA-256 (the value
+        a training run records as `labeled_ids_file_sha256`).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for tag, (labeled_ids, unlabeled_ids) in partitions.items():
+        labeled_file, unlabeled_file = output_dir / f"labeled_{tag}.txt", output_dir / f"unlabeled_{tag}.txt"
+        labeled_file.write_text("".join(f"{sample_id}\n" for sample_id in labeled_ids), encoding="utf-8")
+        unlabeled_file.write_text("".join(f"{sample_id}\n" for sample_id in unlabeled_ids), encoding="utf-8")
+        summary[tag] = {
+            "labeled_file": labeled_file.name,
+            "unlabeled_file": unlabeled_file.name,
+            "num_labeled": len(labeled_ids),
+            "num_unlabeled": len(unlabeled_ids),
+            "labeled_sha256": file_sha256(labeled_file),
+        }
+    return summary
 
 
 def item_seed(base_seed: int, epoch: int, index: int) -> int:

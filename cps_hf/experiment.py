@@ -22,8 +22,11 @@ from .data import (
     SupervisedSegmentationDataset,
     check_columns,
     collate_semi_supervised,
+    dataset_class_names,
+    file_sha256,
     get_split,
     load_segmentation_dataset,
+    select_indices_from_ids_file,
     select_labeled_indices,
     split_fingerprint,
 )
@@ -103,7 +106,14 @@ class DataArguments:
     )
     unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset_name."})
     labeled_ids_file: str | None = field(
-        default=None, metadata={"help": "File with one labelled id per line."}
+        default=None,
+        metadata={
+            "help": "Split file of labelled ids: one id per line, or Cityscapes `image<TAB>label` lines."
+        },
+    )
+    unlabeled_ids_file: str | None = field(
+        default=None,
+        metadata={"help": "Split file of unlabelled ids (default: every training row that is not labelled)."},
     )
     labeled_fraction: float | None = field(
         default=None, metadata={"help": "Fraction of train that is labelled."}
@@ -180,13 +190,9 @@ def resolve_class_names(data_args: DataArguments, train_dataset: datasets.Datase
         return list(data_args.class_names)
     if data_args.dataset_name in (None, "synthetic"):
         return list(SYNTHETIC_CLASS_NAMES)
-    description = train_dataset.info.description or ""
-    try:
-        names = json.loads(description).get("class_names")
-    except (json.JSONDecodeError, AttributeError):
-        names = None
+    names = dataset_class_names(train_dataset)
     if names:
-        return list(names)
+        return names
     if data_args.num_labels is None:
         raise ValueError(
             f"Dataset {data_args.dataset_name!r} does not name its classes: pass --class_names or --num_labels."
@@ -237,6 +243,7 @@ class ExperimentData:
     num_labeled: int
     num_unlabeled: int
     split_fingerprint: str
+    split: dict[str, Any]
 
 
 def build_data(
@@ -291,12 +298,20 @@ def build_data(
                 data_args.unlabeled_split,
                 data_args.unlabeled_dataset_name,
             )
+        unlabeled_indices = None
+        if data_args.unlabeled_ids_file is not None:
+            unlabeled_indices = _select_unlabeled_rows(
+                unlabeled_dataset if unlabeled_dataset is not None else train_split,
+                data_args,
+                labeled_indices if unlabeled_dataset is None else None,
+            )
         train_dataset = SemiSupervisedSegmentationDataset(
             train_split,
             labeled_indices,
             transform=train_transform,
             num_labels=len(class_names),
             unlabeled_dataset=unlabeled_dataset,
+            unlabeled_indices=unlabeled_indices,
             cutmix=training_args.cutmix,
             seed=training_args.seed,
             labeled_split_name=data_args.train_split,
@@ -326,7 +341,60 @@ def build_data(
         num_labeled=len(labeled_indices),
         num_unlabeled=num_unlabeled,
         split_fingerprint=split_fingerprint(labeled_indices),
+        split=split_record(data_args, len(train_split), labeled_indices, num_unlabeled),
     )
+
+
+def _select_unlabeled_rows(
+    dataset: datasets.Dataset, data_args: DataArguments, labeled_indices: list[int] | None
+) -> list[int]:
+    """The rows of `--unlabeled_ids_file`; with `labeled_indices` (same dataset), reports rows in both sets (the
+    PseudoSeg lists overlap) and rows in neither."""
+    unlabeled_indices = select_indices_from_ids_file(
+        dataset, data_args.unlabeled_ids_file, id_column=data_args.id_column
+    )
+    if labeled_indices is not None:
+        both = set(labeled_indices) & set(unlabeled_indices)
+        if both:
+            logger.warning(
+                f"{len(both)} row(s) are in both {data_args.labeled_ids_file or 'the labelled set'} and "
+                f"{data_args.unlabeled_ids_file}: they are used as labelled and as unlabelled samples."
+            )
+        neither = len(dataset) - len(set(labeled_indices) | set(unlabeled_indices))
+        if neither:
+            logger.info(f"{neither} training row(s) are neither labelled nor unlabelled: they are not used.")
+    return unlabeled_indices
+
+
+def split_record(
+    data_args: DataArguments, num_train_rows: int, labeled_indices: list[int], num_unlabeled: int
+) -> dict[str, Any]:
+    """What identifies the labelled/unlabelled split of a run (the `split` entry of `cps_recipe.json`): the split
+    files and their SHA-256, or the seed and fraction/count of a random draw, the counts and the fingerprint of
+    the labelled rows."""
+    method = (
+        "ids_file"
+        if data_args.labeled_ids_file is not None
+        else ("fraction" if data_args.labeled_fraction is not None else "count")
+    )
+    record: dict[str, Any] = {
+        "method": method,
+        "train_split": data_args.train_split,
+        "num_train_rows": num_train_rows,
+    }
+    for key in ("labeled_ids_file", "unlabeled_ids_file"):
+        path = getattr(data_args, key)
+        record[key] = path
+        record[f"{key}_sha256"] = file_sha256(path) if path is not None else None
+    record.update(
+        labeled_fraction=data_args.labeled_fraction,
+        labeled_count=data_args.labeled_count,
+        split_seed=None if method == "ids_file" else data_args.split_seed,
+        num_labeled=len(labeled_indices),
+        num_unlabeled=num_unlabeled,
+        fingerprint=split_fingerprint(labeled_indices),
+    )
+    return record
 
 
 def run_experiment(
@@ -384,6 +452,7 @@ def run_experiment(
             "num_labeled": data.num_labeled,
             "num_unlabeled": data.num_unlabeled,
             "split_fingerprint": data.split_fingerprint,
+            "split": data.split,
             "training": {
                 key: getattr(training_args, key)
                 for key in (
@@ -415,4 +484,5 @@ __all__ = [
     "build_model",
     "parse_experiment_arguments",
     "run_experiment",
+    "split_record",
 ]

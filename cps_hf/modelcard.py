@@ -24,6 +24,24 @@ def _format_iou(value: Any) -> str:
     return f"{100 * value:.2f}"
 
 
+def _describe_split(recipe: dict[str, Any]) -> str:
+    """The labelled split in words: its files and their SHA-256, or its random draw; and its fingerprint."""
+    # Recipes written before the `split` entry existed hold the same keys (less the hashes) under `data`.
+    split = recipe.get("split") or {**recipe["data"], "fingerprint": recipe["split_fingerprint"]}
+    if split.get("labeled_ids_file"):
+        text = f"ids file `{split['labeled_ids_file']}` (SHA-256 `{split.get('labeled_ids_file_sha256')}`)"
+    elif split.get("labeled_fraction") is not None:
+        text = f"random fraction {split['labeled_fraction']}, seed {split['split_seed']}"
+    else:
+        text = f"random count {split.get('labeled_count')}, seed {split['split_seed']}"
+    if split.get("unlabeled_ids_file"):
+        text += (
+            f"; unlabelled ids file `{split['unlabeled_ids_file']}` "
+            f"(SHA-256 `{split.get('unlabeled_ids_file_sha256')}`)"
+        )
+    return f"{text}; fingerprint `{split['fingerprint']}`"
+
+
 def render_model_card(
     config: CPSConfig, recipe: dict[str, Any], results: dict[str, Any], model_name: str
 ) -> ModelCard:
@@ -108,7 +126,7 @@ the other network's one-hot (argmax) predictions on unlabelled images.
 | backbone | `{config.backbone}` (output stride {config.output_stride}), ImageNet-pretrained: {recipe["model"].get("pretrained_backbone")} |
 | dataset | `{dataset_name}`, train split `{data["train_split"]}` |
 | labelled / unlabelled images | {recipe["num_labeled"]} / {recipe["num_unlabeled"]} |
-| labelled split | fraction {data.get("labeled_fraction")}, count {data.get("labeled_count")}, ids file {data.get("labeled_ids_file")}, seed {data["split_seed"]}, fingerprint `{recipe["split_fingerprint"]}` |
+| labelled split | {_describe_split(recipe)} |
 | variant | {variant} |
 | CPS weight λ | {0 if training["supervised_only"] else training["cps_weight"]} |
 | supervised loss | {training["supervised_loss"]} |

@@ -1,6 +1,7 @@
 """Building blocks shared by the test modules: a tiny CPS model on the synthetic classes and the launcher
 command that starts two real CPU (gloo) processes."""
 
+import runpy
 import sys
 from pathlib import Path
 
@@ -49,3 +50,9 @@ def save_tiny_model(model_dir: Path, seed: int = 0) -> Path:
     CPSForSemanticSegmentation(config).save_pretrained(model_dir)
     create_image_processor(config).save_pretrained(model_dir)
     return model_dir
+
+
+def run_script(name: str, argv: list[str]) -> None:
+    """Runs `scripts/<name>.py`'s `main(argv)` in this process (no interpreter start-up, unlike a subprocess)."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    runpy.run_path(str(script), run_name=f"scripts.{name}")["main"](argv)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
+import os
 import re
+from fractions import Fraction
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from helpers import run_script
 from PIL import Image as PILImage
 
 from cps_hf.data import (
@@ -25,12 +30,28 @@ from cps_hf.data import (
     decode_mask,
     item_seed,
     load_segmentation_dataset,
+    make_labeled_partitions,
+    parse_fraction,
     read_split_ids,
+    select_indices_from_ids_file,
     select_labeled_indices,
     split_fingerprint,
+    split_line_id,
+    write_labeled_partitions,
 )
+from cps_hf.experiment import DataArguments, split_record
 
-OFFICIAL_SPLIT_FILE = Path("/work/shared/datasets/cps-splits/voc/train_aug_labeled_1-8.txt")
+# The official CPS split lists: $CPS_SPLITS_DIR, or the shared datasets folder next to the repository. Tests that
+# read them are skipped where they are absent (e.g. CI on a bare clone).
+OFFICIAL_SPLITS_DIR = Path(
+    os.environ.get(
+        "CPS_SPLITS_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cps-splits"
+    )
+)
+OFFICIAL_SPLIT_FILE = OFFICIAL_SPLITS_DIR / "voc" / "train_aug_labeled_1-8.txt"
+needs_official_splits = pytest.mark.skipif(
+    not OFFICIAL_SPLITS_DIR.is_dir(), reason=f"official CPS split lists not found at {OFFICIAL_SPLITS_DIR}"
+)
 NUM_LABELS = 5
 
 
@@ -539,7 +560,7 @@ def test_split_fingerprint_is_stable_and_order_independent() -> None:
     assert split_fingerprint([0, 1, 2]) == "c0be322c1ad6af50"
 
 
-@pytest.mark.skipif(not OFFICIAL_SPLIT_FILE.is_file(), reason="official CPS split lists not available")
+@needs_official_splits
 def test_reads_the_official_voc_split_file() -> None:
     ids = read_split_ids(OFFICIAL_SPLIT_FILE)
     assert len(ids) == 1323 and len(set(ids)) == 1323
@@ -549,3 +570,176 @@ def test_reads_the_official_voc_split_file() -> None:
     dataset = datasets.Dataset.from_dict({"id": extra_ids + ids[::-1]})
     rows = select_labeled_indices(dataset, labeled_ids_file=OFFICIAL_SPLIT_FILE)
     assert rows == list(range(50, 50 + 1323))
+
+
+def test_split_lines_in_every_official_format(tmp_path: Path) -> None:
+    assert split_line_id("2007_000032") == "2007_000032"
+    cityscapes_line = (
+        "/images/train/jena_000078_000019.png\t/segmentation/train/jena_000078_000019_gtFine.png"
+    )
+    assert split_line_id(cityscapes_line) == "jena_000078_000019"
+    official_layout = "leftImg8bit/train/jena/jena_000078_000019_leftImg8bit.png\tgtFine/train/jena/x.png"
+    assert split_line_id(official_layout) == "jena_000078_000019"
+    segnet_line = "/SegNet/CamVid/train/0001TP_006690.png /SegNet/CamVid/trainannot/0001TP_006690.png"
+    assert split_line_id(segnet_line) == "0001TP_006690"
+    assert split_line_id("JPEGImages/2007_000032.jpg") == "2007_000032"
+    assert split_line_id("frame.001") == "frame.001"
+    split_file = tmp_path / "labeled.txt"
+    split_file.write_bytes(
+        b"2007_000032\r\n\r\n2007_000039\r\n"
+    )  # Windows line ends, as in the PseudoSeg lists
+    assert read_split_ids(split_file) == ["2007_000032", "2007_000039"]
+    split_file.write_text(f"{cityscapes_line}\n")
+    dataset = datasets.Dataset.from_dict({"id": ["jena_000032_000019", "jena_000078_000019"]})
+    assert select_indices_from_ids_file(dataset, split_file) == [1]
+    split_file.write_text("/images/train/jena_000099_000019.png\t/segmentation/train/x.png\n")
+    with pytest.raises(
+        ValueError, match=r"1 of the 1 ids .*\['jena_000099_000019'\] .*look like \['jena_000032"
+    ):
+        select_indices_from_ids_file(dataset, split_file)
+
+
+@needs_official_splits
+@pytest.mark.parametrize(
+    "folder, num_rows, counts",
+    [
+        ("voc", 10582, {16: 662, 8: 1323, 4: 2646, 2: 5291}),
+        ("cityscapes/subset_train", 2975, {16: 186, 8: 372, 4: 744, 2: 1488}),
+    ],
+)
+def test_official_lists_partition_the_training_set(
+    folder: str, num_rows: int, counts: dict[int, int]
+) -> None:
+    def ids(kind: str, denominator: int) -> list[str]:
+        return read_split_ids(OFFICIAL_SPLITS_DIR / folder / f"train_aug_{kind}_1-{denominator}.txt")
+
+    all_ids = set(ids("labeled", 2)) | set(ids("unlabeled", 2))
+    assert len(all_ids) == num_rows
+    training = datasets.Dataset.from_dict({"id": sorted(all_ids)})
+    for denominator, count in counts.items():
+        labeled, unlabeled = ids("labeled", denominator), ids("unlabeled", denominator)
+        assert len(labeled) == count and not set(labeled) & set(unlabeled)
+        assert set(labeled) | set(unlabeled) == all_ids
+        labeled_file = OFFICIAL_SPLITS_DIR / folder / f"train_aug_labeled_1-{denominator}.txt"
+        assert len(select_labeled_indices(training, labeled_ids_file=labeled_file)) == count
+        # `--labeled_fraction 1/d` labels as many rows as the official list (rounded up).
+        assert len(select_labeled_indices(training, labeled_fraction=1 / denominator)) == count
+
+
+@needs_official_splits
+def test_official_cityscapes_lists_name_the_converted_ids() -> None:
+    train_ids = read_split_ids(OFFICIAL_SPLITS_DIR / "cityscapes" / "train.txt")
+    val_ids = read_split_ids(OFFICIAL_SPLITS_DIR / "cityscapes" / "val.txt")
+    assert (len(train_ids), len(val_ids)) == (2975, 500) and train_ids[0] == "jena_000078_000019"
+    assert all(re.fullmatch(r"[a-z]+_\d{6}_\d{6}", sample_id) for sample_id in train_ids + val_ids)
+    labeled = read_split_ids(
+        OFFICIAL_SPLITS_DIR / "cityscapes" / "subset_train" / "train_aug_labeled_1-8.txt"
+    )
+    assert len(labeled) == 372 and set(labeled) <= set(train_ids)
+
+
+def test_fraction_counts_round_up_exactly() -> None:
+    dataset = datasets.Dataset.from_dict({"id": [str(row) for row in range(30)]})
+    assert len(select_labeled_indices(dataset, labeled_fraction=0.1)) == 3  # 0.1 * 30 is 3.0000000000000004
+    assert len(select_labeled_indices(dataset, labeled_fraction=1 / 16)) == 2  # 1.875 rounds up
+    assert len(select_labeled_indices(dataset, labeled_fraction=Fraction(1, 4))) == 8  # 7.5 rounds up
+
+
+def test_seeded_partitions_match_the_fraction_draw(tmp_path: Path) -> None:
+    dataset = datasets.Dataset.from_dict({"id": [f"img_{row:03d}" for row in range(30)]})
+    fractions = [parse_fraction(text) for text in ("1/16", "1/8", "0.25", "1/2")]
+    partitions = make_labeled_partitions(dataset, fractions, split_seed=3)
+    assert {tag: len(labeled) for tag, (labeled, _) in partitions.items()} == {
+        "1-16": 2,
+        "1-8": 4,
+        "1-4": 8,
+        "1-2": 15,
+    }
+    for labeled, unlabeled in partitions.values():
+        assert labeled == sorted(labeled) and unlabeled == sorted(unlabeled)
+        assert sorted(labeled + unlabeled) == dataset["id"]
+    assert make_labeled_partitions(dataset, fractions, split_seed=3) == partitions
+    assert make_labeled_partitions(dataset, fractions, split_seed=4) != partitions
+
+    summary = write_labeled_partitions(partitions, tmp_path / "splits")
+    labeled_file = tmp_path / "splits" / "labeled_1-8.txt"
+    assert labeled_file.read_text() == "".join(f"{sample_id}\n" for sample_id in partitions["1-8"][0])
+    assert read_split_ids(tmp_path / "splits" / "unlabeled_1-8.txt") == partitions["1-8"][1]
+    assert summary["1-8"]["labeled_sha256"] == hashlib.sha256(labeled_file.read_bytes()).hexdigest()
+    # Training from the file uses the rows that `--labeled_fraction 0.125 --split_seed 3` draws.
+    assert select_labeled_indices(dataset, labeled_ids_file=labeled_file) == select_labeled_indices(
+        dataset, labeled_fraction=0.125, split_seed=3
+    )
+
+    with pytest.raises(ValueError, match=r"'id' holds 1 id\(s\) more than once.*\['a'\]"):
+        make_labeled_partitions(datasets.Dataset.from_dict({"id": ["a", "b", "a"]}), [Fraction(1, 2)])
+    for text in ("0", "3/2", "one eighth"):
+        with pytest.raises(ValueError, match=re.escape(repr(text))):
+            parse_fraction(text)
+
+
+def test_make_splits_script(tmp_path: Path) -> None:
+    dataset = datasets.Dataset.from_dict({"id": [f"img_{row:03d}" for row in range(20)]})
+    datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "data"))
+    output = tmp_path / "splits"
+    arguments = ["--dataset", str(tmp_path / "data"), "--fractions", "1/4", "1/2", "--seed", "1"]
+    run_script("make_splits", [*arguments, "--output", str(output)])
+    manifest = json.loads((output / "splits.json").read_text())
+    assert manifest["seed"] == 1 and manifest["num_rows"] == 20
+    assert {tag: entry["num_labeled"] for tag, entry in manifest["partitions"].items()} == {
+        "1-4": 5,
+        "1-2": 10,
+    }
+    assert (
+        read_split_ids(output / "labeled_1-4.txt")
+        == make_labeled_partitions(dataset, [Fraction(1, 4)], split_seed=1)["1-4"][0]
+    )
+
+
+def test_split_record_names_the_files_or_the_draw(tmp_path: Path) -> None:
+    split_file = tmp_path / "labeled.txt"
+    split_file.write_text("img_002\nimg_005\n")
+    record = split_record(DataArguments(dataset_name="x", labeled_ids_file=str(split_file)), 10, [2, 5], 8)
+    assert record == {
+        "method": "ids_file",
+        "train_split": "train",
+        "num_train_rows": 10,
+        "labeled_ids_file": str(split_file),
+        "labeled_ids_file_sha256": hashlib.sha256(b"img_002\nimg_005\n").hexdigest(),
+        "unlabeled_ids_file": None,
+        "unlabeled_ids_file_sha256": None,
+        "labeled_fraction": None,
+        "labeled_count": None,
+        "split_seed": None,
+        "num_labeled": 2,
+        "num_unlabeled": 8,
+        "fingerprint": split_fingerprint([2, 5]),
+    }
+    drawn = split_record(DataArguments(dataset_name="x", labeled_fraction=0.5, split_seed=7), 4, [0, 3], 2)
+    assert (drawn["method"], drawn["split_seed"], drawn["labeled_ids_file_sha256"]) == ("fraction", 7, None)
+
+
+def test_unlabeled_ids_file_selects_the_unlabeled_rows(tmp_path: Path) -> None:
+    from cps_hf.experiment import build_data
+    from cps_hf.trainer import CPSTrainingArguments
+
+    datasets.DatasetDict({"train": make_dataset(8)}).save_to_disk(str(tmp_path / "data"))
+    (tmp_path / "labeled.txt").write_text("img_001\nimg_004\n")
+    # Overlapping lists (as PseudoSeg's) are accepted, with a warning.
+    (tmp_path / "unlabeled.txt").write_text("img_004\nimg_006\nimg_007\n")
+    data_args = DataArguments(
+        dataset_name=str(tmp_path / "data"),
+        eval_split=None,
+        labeled_ids_file=str(tmp_path / "labeled.txt"),
+        unlabeled_ids_file=str(tmp_path / "unlabeled.txt"),
+        num_labels=NUM_LABELS,
+        crop_size=8,
+    )
+    training_args = CPSTrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True)
+    data = build_data(data_args, training_args, backbone="test_resnet")
+    assert (data.num_labeled, data.num_unlabeled) == (2, 3)
+    assert (
+        data.split["unlabeled_ids_file_sha256"] == hashlib.sha256(b"img_004\nimg_006\nimg_007\n").hexdigest()
+    )
+    assert list(data.train_dataset.labeled.rows) == [1, 4]
+    assert list(data.train_dataset.unlabeled.rows) == [4, 6, 7]

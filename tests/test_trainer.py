@@ -344,6 +344,10 @@ def test_experiment_saves_loadable_model_results_and_card(tmp_path, synthetic_ca
     assert loaded.config.id2label[1] == SYNTHETIC_CLASS_NAMES[1]
     recipe = json.loads((output_dir / "cps_recipe.json").read_text())
     assert recipe["num_labeled"] == 4 and recipe["num_unlabeled"] == 12
+    split = recipe["split"]
+    assert (split["method"], split["split_seed"], split["num_labeled"]) == ("fraction", 0, 4)
+    assert split["fingerprint"] == recipe["split_fingerprint"]
+    assert f"random fraction 0.25, seed 0; fingerprint `{split['fingerprint']}`" in card
 
 
 def test_config_file_with_cli_overrides(tmp_path, synthetic_cache):
