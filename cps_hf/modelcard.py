@@ -606,8 +606,11 @@ def render_model_card(
     evaluations = collect_evaluations(model_dir, config, recipe, results_files)
     model_name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
 
-    tags = [*CARD_TAGS, config.backbone]
     training = (recipe or {}).get("training", {})
+    supervised_only = bool(training.get("supervised_only"))
+    tags = [*CARD_TAGS, config.backbone]
+    if supervised_only:
+        tags[tags.index("cross-pseudo-supervision")] = "supervised-baseline"
     if training.get("cutmix"):
         tags.append("cutmix")
     eval_results = eval_results_for_card(evaluations, config.num_branches, dataset_ids)
@@ -656,6 +659,7 @@ def render_model_card(
         repo_id=repo_id or str(model_dir),
         summary=summary_text(recipe, config, dataset_ids),
         num_branches=config.num_branches,
+        supervised_only=supervised_only,
         backbone=config.backbone,
         output_stride=config.output_stride or "native",
         num_labels=config.num_labels,
