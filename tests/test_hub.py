@@ -3,7 +3,9 @@ written or logged, clear errors offline, and `--push_to_hub` publishing the proj
 
 import json
 import logging
+import runpy
 import socket
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,3 +215,25 @@ def test_push_to_hub_publishes_the_project_card_not_the_trainers(
     assert f"value: {round(100 * results['eval_mean_iou'], 2)}" in card
     assert not any(name.startswith(("checkpoint", "training_args", "optimizer")) for name in api.uploaded)
     assert_token_nowhere(FAKE_TOKEN, [output_dir], caplog.text)
+
+
+def run_publish_script(monkeypatch, *arguments: str) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "publish.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *arguments])
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def test_publish_script_card_only_dry_run_and_upload(tmp_path, recording_hub, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    run = save_tiny_run(tmp_path / "run")
+    common = ["--model", str(run), "--repo_id", "my-org/tiny-cps", "--dataset_id", "my-org/shapes"]
+    run_publish_script(monkeypatch, *common, "--card_only", str(tmp_path / "card.md"))
+    expected_card = str(render_model_card(run, repo_id="my-org/tiny-cps", dataset_id="my-org/shapes"))
+    assert (tmp_path / "card.md").read_text() == expected_card
+    run_publish_script(monkeypatch, *common, "--dry_run", str(tmp_path / "upload"))
+    assert (tmp_path / "upload" / "README.md").read_text() == expected_card
+    assert recording_hub == []
+    run_publish_script(monkeypatch, *common, "--private", "true", "--revision", "v2", "--create_pr", "true")
+    (api,) = recording_hub
+    assert api.calls[0][2]["private"] is True and api.calls[2][2]["create_pr"] is True
+    assert api.uploaded["README.md"].decode() == expected_card
