@@ -36,6 +36,8 @@ CARD_TAGS = (
     "timm",
 )
 SUMMARY_METRICS = ("mean_iou", "overall_accuracy", "mean_accuracy")
+# Recipe keys holding one of these words (between underscores) identify the labelled split, e.g. `split_fingerprint`.
+SPLIT_IDENTITY_WORDS = {"sha256", "sha1", "md5", "hash", "digest", "fingerprint"}
 
 CPS_CITATION = """@inproceedings{chen2021semi,
   title     = {Semi-Supervised Semantic Segmentation with Cross Pseudo Supervision},
@@ -255,13 +257,9 @@ def collect_evaluations(
     return list(unique.values())
 
 
-def is_local_path(dataset_name: str) -> bool:
-    """Whether a dataset name is a local path rather than a Hub id (which has at most one `/`)."""
-    return (
-        dataset_name.startswith((".", "/", "~"))
-        or dataset_name.count("/") > 1
-        or Path(dataset_name).expanduser().exists()
-    )
+def is_local_path(name: str) -> bool:
+    """Whether a dataset or model name is a local path rather than a Hub id (which has at most one `/`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
 def dataset_hub_id(dataset_name: str, dataset_ids: Mapping[str, str]) -> str | None:
@@ -392,7 +390,7 @@ def _split_fields(recipe: Mapping[str, Any]) -> list[tuple[str, Any]]:
         for section in sections
         if isinstance(section, Mapping)
         for key, value in section.items()
-        if any(marker in key for marker in ("sha", "hash", "fingerprint")) and value not in (None, "")
+        if SPLIT_IDENTITY_WORDS & set(key.lower().split("_")) and value not in (None, "")
     ]
 
 
