@@ -30,6 +30,7 @@ from .data import (
     select_labeled_indices,
     split_fingerprint,
 )
+from .hub import take_over_hub_push
 from .image_processing import backbone_normalization, create_image_processor
 from .modelcard import write_model_card
 from .modeling_cps import CPSForSemanticSegmentation
@@ -402,6 +403,8 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Trains, evaluates and saves one CPS model; returns the final metrics."""
     set_seed(training_args.seed)
+    # Published once at the end with this project's card, not by the Trainer (checkpoints, its own card).
+    hub_request = take_over_hub_push(training_args)
     output_dir = Path(training_args.output_dir)
     last_checkpoint = None
     if training_args.do_train and output_dir.is_dir() and training_args.resume_from_checkpoint is None:
@@ -468,12 +471,21 @@ def run_experiment(
                     "per_device_train_batch_size",
                     "gradient_accumulation_steps",
                     "seed",
+                    "optim",
+                    "optim_args",
+                    "lr_scheduler_type",
+                    "lr_scheduler_kwargs",
+                    "max_grad_norm",
+                    "ohem_threshold",
+                    "ohem_min_kept",
                 )
             },
             "world_size": training_args.world_size,
         }
         (output_dir / "cps_recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
-        write_model_card(output_dir, model.config, recipe, results)
+        write_model_card(output_dir, model.config)
+        if hub_request is not None:
+            hub_request.publish(output_dir)
     return results
 
 

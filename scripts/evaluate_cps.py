@@ -38,6 +38,7 @@ from cps_hf.inference import (
     load_image_normalization,
     parse_branch_selection,
 )
+from cps_hf.modelcard import weights_sha256
 
 
 @dataclass
@@ -140,6 +141,9 @@ def main() -> None:
                 "split": args.split,
                 "num_images": len(dataset),
                 "protocol": protocol_description,
+                "eval_size": args.eval_size,
+                "max_samples": args.max_samples,
+                "weights_sha256": weights_sha256(args.model),
                 "bf16": args.bf16,
                 "num_processes": accelerator.num_processes,
                 "images_per_second": images_per_second,

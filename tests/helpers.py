@@ -1,6 +1,7 @@
 """Building blocks shared by the test modules: a tiny CPS model on the synthetic classes and the launcher
 command that starts two real CPU (gloo) processes."""
 
+import json
 import runpy
 import sys
 from pathlib import Path
@@ -56,3 +57,88 @@ def run_script(name: str, argv: list[str]) -> None:
     """Runs `scripts/<name>.py`'s `main(argv)` in this process (no interpreter start-up, unlike a subprocess)."""
     script = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
     runpy.run_path(str(script), run_name=f"scripts.{name}")["main"](argv)
+
+
+def save_tiny_run(
+    model_dir: Path,
+    data_overrides: dict | None = None,
+    model_overrides: dict | None = None,
+    training_overrides: dict | None = None,
+) -> Path:
+    """A training run's output folder as `run_experiment` leaves it: the tiny model, `cps_recipe.json`, the
+    Trainer's `eval_results.json` and `all_results.json`, plus a sliding-window report of `scripts/evaluate_cps.py`
+    (`eval_slide.json`). The metric values are arbitrary and distinct, for tests of what reads them."""
+    from dataclasses import asdict
+
+    from cps_hf.experiment import DataArguments, ModelArguments
+
+    save_tiny_model(model_dir)
+    model_args = ModelArguments(
+        **{"backbone": "test_resnet", "pretrained_backbone": False, **(model_overrides or {})}
+    )
+    data_args = DataArguments(**{"labeled_fraction": 0.25, "crop_size": 24, **(data_overrides or {})})
+    training = dict(
+        cps_weight=1.5,
+        cutmix=False,
+        supervised_only=False,
+        supervised_loss="ce",
+        pseudo_label_mode="train",
+        learning_rate=0.01,
+        weight_decay=0.0001,
+        max_steps=4,
+        num_train_epochs=3.0,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        seed=0,
+        optim="sgd",
+        optim_args="momentum=0.9",
+        lr_scheduler_type="polynomial",
+        lr_scheduler_kwargs={"power": 0.9, "lr_end": 0.0},
+        max_grad_norm=0.0,
+    )
+    training.update(training_overrides or {})
+    recipe = dict(
+        model=asdict(model_args),
+        data=asdict(data_args),
+        num_labeled=4,
+        num_unlabeled=12,
+        split_fingerprint="0123456789abcdef",
+        training=training,
+        world_size=1,
+    )
+    (model_dir / "cps_recipe.json").write_text(json.dumps(recipe, indent=2))
+    class_ious = [0.91, 0.42, float("nan"), 0.33, 0.27]
+    trainer_results = {
+        "eval_mean_iou": 0.4825,
+        "eval_overall_accuracy": 0.875,
+        "eval_mean_accuracy": 0.5625,
+        "eval_loss": 0.7,
+        **{f"eval_iou_{name}": value for name, value in zip(SYNTHETIC_CLASS_NAMES, class_ious)},
+    }
+    (model_dir / "eval_results.json").write_text(json.dumps(trainer_results))
+    (model_dir / "all_results.json").write_text(json.dumps({**trainer_results, "train_loss": 1.2}))
+    branch_results = {
+        branch: {
+            "mean_iou": mean_iou,
+            "overall_accuracy": 0.8,
+            "mean_accuracy": 0.5,
+            **{f"iou_{name}": mean_iou + 0.1 * offset for offset, name in enumerate(SYNTHETIC_CLASS_NAMES)},
+        }
+        for branch, mean_iou in (("branch_0", 0.4125), ("branch_1", 0.4036), ("ensemble", 0.4217))
+    }
+    report = {
+        "model": str(model_dir),
+        "dataset": "synthetic",
+        "split": "validation",
+        "num_images": 4,
+        "protocol": {
+            "mode": "slide",
+            "crop_size": [16, 16],
+            "stride": [11, 11],
+            "scales": [1.0],
+            "flip": True,
+        },
+        "results": branch_results,
+    }
+    (model_dir / "eval_slide.json").write_text(json.dumps(report))
+    return model_dir

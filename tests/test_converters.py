@@ -458,10 +458,7 @@ def test_downscale_halves_images_and_keeps_mask_ids_and_class_names(camvid_sourc
     halved_mask, original_mask = np.asarray(row["label"]), np.asarray(original["label"])
     # Nearest neighbour: no new ids (an interpolated mask would invent values between neighbouring ids).
     assert set(np.unique(halved_mask)) <= set(np.unique(original_mask))
-    assert np.array_equal(halved_mask, original_mask[::2, ::2]) or halved_mask.shape == (
-        HEIGHT // 2,
-        WIDTH // 2,
-    )
+    assert halved_mask.shape == (HEIGHT // 2, WIDTH // 2)
     assert dataset_class_names(halved["validation"]) == list(CAMVID_CLASS_NAMES)
     assert downscale_dataset(converted, 1) is converted
     with pytest.raises(ValueError, match="integer >= 1"):
