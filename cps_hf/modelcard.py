@@ -385,13 +385,14 @@ def variant_name(recipe: Mapping[str, Any] | None, num_branches: int) -> str:
 def _split_fields(recipe: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """Every recorded field that identifies the labelled split (hashes and fingerprints, wherever they are)."""
     sections = [recipe, recipe.get("data", {}), recipe.get("split", {})]
-    return [
-        (key, value)
-        for section in sections
-        if isinstance(section, Mapping)
-        for key, value in section.items()
-        if SPLIT_IDENTITY_WORDS & set(key.lower().split("_")) and value not in (None, "")
-    ]
+    fields: dict[str, str] = {}  # value -> first key: the same hash recorded twice is shown once
+    for section in sections:
+        if not isinstance(section, Mapping):
+            continue
+        for key, value in section.items():
+            if SPLIT_IDENTITY_WORDS & set(key.lower().split("_")) and value not in (None, ""):
+                fields.setdefault(value, key)
+    return [(key, value) for value, key in fields.items()]
 
 
 def recipe_rows(
