@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
@@ -283,6 +284,15 @@ class CPSTrainer(Trainer):
                 use_mtime=True,
             )
         self.accelerator.wait_for_everyone()
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        # Without Sync-BN, each process's last training forward updated its own BatchNorm running statistics (DDP
+        # broadcasts them from the main process only at the start of a training forward): every process evaluates
+        # with the main process's, the ones it saves, so the metrics describe the saved model.
+        if self.args.world_size > 1:
+            with torch.no_grad():
+                broadcast(list(self.model.buffers()), from_process=0)
+        return super().evaluate(*args, **kwargs)
 
     def _evaluation_loss(self, model, inputs, return_outputs):
         outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))
