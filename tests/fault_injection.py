@@ -496,7 +496,7 @@ def _sigkill(lab: FaultLab, during: str, step: int, fault: str) -> FaultOutcome:
     outcome = (
         f"{'recovered' if same else 'NOT RECOVERED'}: killed with checkpoints {after_kill} on disk"
         + (f" and {staged} half-written in .incomplete/" if staged else "")
-        + f"; {resumed_from}"
+        + f"; {resumed_from.rstrip('.')}"
         + (f" ({skipped[0]})" if skipped else "")
         + f"; final weights and logged losses {'equal' if same else 'DIFFER from'} an uninterrupted run's "
         "(plain restart and --resume_from_checkpoint checkpoint-4)"
@@ -625,7 +625,8 @@ def main() -> None:
         rows = []
         for name in args.scenarios or SCENARIOS:
             outcome = SCENARIOS[name](lab)
-            rows.append(f"| {outcome.fault} | {outcome.outcome.replace('|', '/')} |")
+            text = outcome.outcome.replace(str(lab.workdir), "$WORK").replace("|", "/")
+            rows.append(f"| {outcome.fault} | {text} |")
         print("| fault | outcome |\n|---|---|\n" + "\n".join(rows))
         print(f"\n{len(rows)} scenarios in {time.perf_counter() - start:.0f} s")
 
