@@ -316,7 +316,7 @@ def build_data(
             dataset_name=dataset_name,
             **common,
         )
-        num_unlabeled = 0
+        num_labeled, num_unlabeled = len(train_dataset), 0
     else:
         unlabeled_dataset = None
         if data_args.unlabeled_dataset_name is not None:
@@ -339,7 +339,7 @@ def build_data(
             unlabeled_dataset_name=data_args.unlabeled_dataset_name,
             **common,
         )
-        num_unlabeled = train_dataset.num_unlabeled
+        num_labeled, num_unlabeled = train_dataset.num_labeled, train_dataset.num_unlabeled
 
     eval_dataset = None
     if data_args.eval_split is not None:
@@ -361,7 +361,7 @@ def build_data(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         class_names=class_names,
-        num_labeled=len(train_dataset.labeled if num_unlabeled else train_dataset),
+        num_labeled=num_labeled,
         num_unlabeled=num_unlabeled,
         split_fingerprint=split_fingerprint(labeled_indices),
         skipped_samples=train_dataset.skipped_samples
@@ -479,7 +479,7 @@ def run_experiment(
         }
         (output_dir / "cps_recipe.json").write_text(json.dumps(recipe, indent=2, default=str))
         write_model_card(output_dir, model.config, recipe, results)
-    if data.skipped_samples:
+    if data.skipped_samples and trainer.is_world_process_zero():
         logger.warning(
             f"Skipped {len(data.skipped_samples)} undecodable sample(s) (listed in cps_recipe.json): "
             + " | ".join(data.skipped_samples)

@@ -60,8 +60,9 @@ class CPSTrainingArguments(TrainingArguments):
             BatchNorm mode of the no-grad teacher passes that make CutMix pseudo-labels: `"train"` (official; batch
             statistics, running statistics updated) or `"eval"` (running statistics).
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Allow a new run to replace a final model already saved in `output_dir` (checkpoints there are resumed
-            from, never discarded).
+            Allow a new run to replace a final model already saved in `output_dir`, or to start afresh in an
+            `output_dir` none of whose checkpoints is complete (complete checkpoints are resumed from, never
+            discarded).
     """
 
     cps_weight: float = field(
