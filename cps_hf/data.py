@@ -49,6 +49,7 @@ __all__ = [
     "SegmentationTransform",
     "SupervisedEvalDataset",
     "SupervisedSegmentationDataset",
+    "UndecodableSampleError",
     "check_columns",
     "collate_semi_supervised",
     "complement_indices",
@@ -286,6 +287,7 @@ def check_columns(
     image_column: str,
     label_column: str | None = None,
     split_name: str | None = None,
+    dataset_name: str | None = None,
 ) -> None:
     """Checks that a dataset has the image (and label) columns.
 
@@ -298,6 +300,8 @@ def check_columns(
             Name of the label-mask column; not checked when `None` (image-only datasets).
         split_name (`str`, *optional*):
             Split name, used in the error message.
+        dataset_name (`str`, *optional*):
+            Dataset name, used in the error message.
 
     Raises:
         ValueError: naming the missing columns and listing the available ones.
@@ -305,7 +309,8 @@ def check_columns(
     wanted = [image_column] + ([label_column] if label_column is not None else [])
     missing = [column for column in wanted if column not in dataset.column_names]
     if missing:
-        where = f" of split {split_name!r}" if split_name else ""
+        where = f" {dataset_name!r}" if dataset_name else ""
+        where += f" (split {split_name!r})" if split_name else ""
         raise ValueError(
             f"Column(s) {missing} not found in the dataset{where}; available columns: {dataset.column_names}. "
             "Set the image/label column names accordingly."
@@ -364,7 +369,12 @@ def _dataset_ids(dataset: datasets.Dataset, id_column: str) -> list[str]:
 
 
 def select_indices_from_ids_file(
-    dataset: datasets.Dataset, ids_file: str | os.PathLike, *, id_column: str = "id"
+    dataset: datasets.Dataset,
+    ids_file: str | os.PathLike,
+    *,
+    id_column: str = "id",
+    dataset_name: str | None = None,
+    subset: str = "labelled",
 ) -> list[int]:
     """The rows of `dataset` whose ids a split file lists (see [`read_split_ids`]).
 
@@ -375,6 +385,10 @@ def select_indices_from_ids_file(
             The split file.
         id_column (`str`, *optional*, defaults to `"id"`):
             Column holding the sample ids; without it, the ids are row indices written as strings.
+        dataset_name (`str`, *optional*):
+            Name of the dataset, for error messages.
+        subset (`str`, *optional*, defaults to `"labelled"`):
+            What the file selects (`"labelled"` or `"unlabelled"`), for error messages.
 
     Returns:
         `list[int]`: the sorted row indices.
@@ -383,9 +397,12 @@ def select_indices_from_ids_file(
         ValueError: if the file lists no ids, an id more than once, or ids that are not in the dataset (their
             number, the first few and a few of the dataset's ids are shown).
     """
+    source = f"dataset {dataset_name!r}" if dataset_name else "the dataset"
     wanted_ids = read_split_ids(ids_file)
     if not wanted_ids:
-        raise ValueError(f"Split file {str(ids_file)!r} lists no ids.")
+        raise ValueError(
+            f"Split file {str(ids_file)!r} lists no ids: the {subset} set of {source} would be empty."
+        )
     duplicates = sorted(sample_id for sample_id, count in Counter(wanted_ids).items() if count > 1)
     if duplicates:
         raise ValueError(
@@ -401,7 +418,7 @@ def select_indices_from_ids_file(
             f"column {id_column!r}" if id_column in dataset.column_names else "the row indices (no id column)"
         )
         raise ValueError(
-            f"{len(unknown)} of the {len(wanted_ids)} ids in {str(ids_file)!r} are not in the dataset's {where}, "
+            f"{len(unknown)} of the {len(wanted_ids)} ids in {str(ids_file)!r} are not in {where} of {source}, "
             f"e.g. {unknown[:5]} (the dataset's ids look like {dataset_ids[:3]})."
         )
     return sorted(row_by_id[sample_id] for sample_id in wanted_ids)
@@ -421,6 +438,7 @@ def select_labeled_indices(
     labeled_count: int | None = None,
     split_seed: int = 0,
     id_column: str = "id",
+    dataset_name: str | None = None,
 ) -> list[int]:
     """Chooses the labelled rows of a training split.
 
@@ -443,6 +461,8 @@ def select_labeled_indices(
             Seed of the random choice.
         id_column (`str`, *optional*, defaults to `"id"`):
             Column holding the sample ids.
+        dataset_name (`str`, *optional*):
+            Dataset name, used in error messages.
 
     Returns:
         `list[int]`: sorted row indices of the labelled samples.
@@ -467,7 +487,9 @@ def select_labeled_indices(
         )
     num_rows = len(dataset)
     if labeled_ids_file is not None:
-        return select_indices_from_ids_file(dataset, labeled_ids_file, id_column=id_column)
+        return select_indices_from_ids_file(
+            dataset, labeled_ids_file, id_column=id_column, dataset_name=dataset_name
+        )
 
     if labeled_fraction is not None:
         if not 0.0 < labeled_fraction <= 1.0:
@@ -619,6 +641,10 @@ def item_seed(base_seed: int, epoch: int, index: int) -> int:
 # --------------------------------------------------------------------------------------------------------------
 
 
+class UndecodableSampleError(ValueError):
+    """An image or mask whose stored bytes (or file) cannot be decoded; the message names the sample."""
+
+
 def _open_pil(value: Any, sample_name: str, what: str) -> PILImage.Image | np.ndarray:
     """Returns a PIL image (or an array as given) for a `datasets.Image` value, a path or a PIL image."""
     if isinstance(value, PILImage.Image | np.ndarray):
@@ -643,7 +669,12 @@ def _open_pil(value: Any, sample_name: str, what: str) -> PILImage.Image | np.nd
             raise TypeError(f"unsupported value of type {type(value).__name__}")
         image.load()
     except Exception as error:
-        raise ValueError(f"Could not decode the {what} of {sample_name}: {error}") from error
+        reason = str(error)
+        if isinstance(error, PILImage.UnidentifiedImageError) and "BytesIO" in reason:
+            # PIL names the in-memory buffer object, which says nothing; show what the bytes start with instead.
+            encoded = value["bytes"] if isinstance(value, Mapping) else value
+            reason = f"not a known image format ({len(encoded)} bytes starting with {encoded[:12]!r})"
+        raise UndecodableSampleError(f"Could not decode the {what} of {sample_name}: {reason}") from error
     return image
 
 
@@ -1059,18 +1090,21 @@ class _SegmentationRows:
         label_column: str | None,
         id_column: str,
         split_name: str | None,
+        dataset_name: str | None = None,
+        skip_undecodable: bool = False,
     ) -> None:
         if not isinstance(dataset, datasets.Dataset):
             raise TypeError(
                 f"The {role} dataset must be a `datasets.Dataset` (one split), got {type(dataset).__name__}."
             )
-        check_columns(dataset, image_column, label_column, split_name)
+        check_columns(dataset, image_column, label_column, split_name, dataset_name)
         num_rows = len(dataset)
         if indices is None:
             indices = range(num_rows)
         rows = np.asarray(indices, dtype=np.int64).reshape(-1)
+        source = f" of dataset {dataset_name!r}" if dataset_name else ""
         if rows.size == 0:
-            raise ValueError(f"The {role} set is empty: no rows were selected.")
+            raise ValueError(f"The {role} set{source} is empty: no rows were selected.")
         out_of_range = rows[(rows < 0) | (rows >= num_rows)]
         if out_of_range.size:
             raise ValueError(
@@ -1092,12 +1126,40 @@ class _SegmentationRows:
         self.label_column = label_column
         self.id_column = id_column
         self.split_name = split_name
+        self.dataset_name = dataset_name
+        self.skipped_samples: list[str] = []
+        if skip_undecodable:
+            self._drop_undecodable_rows()
+            if not len(self):
+                raise ValueError(f"The {role} set{source} is empty: none of its samples can be decoded.")
 
     def __len__(self) -> int:
         return int(self.rows.size)
 
+    def _drop_undecodable_rows(self) -> None:
+        """Decodes every selected row once and drops those whose image or mask bytes cannot be decoded."""
+        kept = []
+        for row in self.rows.tolist():
+            record = self.dataset[row]
+            sample_name = self.describe(row, record)
+            try:
+                _open_pil(record[self.image_column], sample_name, "image")
+                if self.label_column is not None:
+                    _open_pil(record[self.label_column], sample_name, "label mask")
+            except UndecodableSampleError as error:
+                self.skipped_samples.append(str(error))
+            else:
+                kept.append(row)
+        self.rows = np.asarray(kept, dtype=np.int64)
+        if self.skipped_samples:
+            logger.warning(
+                f"Skipping {len(self.skipped_samples)} undecodable {self.role} sample(s): "
+                + " | ".join(self.skipped_samples[:5])
+            )
+
     def describe(self, row: int, record: Mapping[str, Any] | None = None) -> str:
-        where = f"split {self.split_name!r} " if self.split_name else ""
+        where = f"dataset {self.dataset_name!r}, " if self.dataset_name else ""
+        where += f"split {self.split_name!r} " if self.split_name else ""
         description = f"{self.role} sample ({where}row {row}"
         if self.has_ids and record is not None:
             description += f", id {record[self.id_column]!r}"
@@ -1187,11 +1249,20 @@ class SemiSupervisedSegmentationDataset(torch.utils.data.Dataset):
         unlabeled_split_name (`str`, *optional*):
             Split name of the unlabelled dataset in error messages; defaults to `labeled_split_name` when the
             unlabelled rows come from the same dataset.
+        labeled_dataset_name (`str`, *optional*):
+            Name of the labelled dataset in error messages.
+        unlabeled_dataset_name (`str`, *optional*):
+            Name of the unlabelled dataset in error messages; defaults to `labeled_dataset_name` when the unlabelled
+            rows come from the same dataset.
+        skip_undecodable (`bool`, *optional*, defaults to `False`):
+            Decode every selected row once when the dataset is built and leave out, with a warning, those whose
+            image or mask cannot be decoded (listed in `skipped_samples`). By default such a sample raises an
+            [`UndecodableSampleError`] when an item first loads it.
 
     Raises:
         ValueError: if the labelled or the unlabelled set is empty, a column is missing or indices are out of
             range; when loading an item, if a mask holds invalid values, has a different size from its image, or an
-            image cannot be decoded (naming the split, row and id).
+            image cannot be decoded (naming the dataset, split, row and id).
     """
 
     def __init__(
@@ -1214,11 +1285,15 @@ class SemiSupervisedSegmentationDataset(torch.utils.data.Dataset):
         ignore_index: int = 255,
         labeled_split_name: str = "train",
         unlabeled_split_name: str | None = None,
+        labeled_dataset_name: str | None = None,
+        unlabeled_dataset_name: str | None = None,
+        skip_undecodable: bool = False,
     ) -> None:
         if num_labels < 1:
             raise ValueError(f"`num_labels` must be >= 1, got {num_labels}.")
+        labeled_source = f" of dataset {labeled_dataset_name!r}" if labeled_dataset_name else ""
         if labeled_indices is not None and len(labeled_indices) == 0:
-            raise ValueError("The labelled set is empty: `labeled_indices` selects no rows.")
+            raise ValueError(f"The labelled set{labeled_source} is empty: `labeled_indices` selects no rows.")
         if unlabeled_dataset is None:
             unlabeled_dataset = labeled_dataset
             if unlabeled_indices is None:
@@ -1229,10 +1304,12 @@ class SemiSupervisedSegmentationDataset(torch.utils.data.Dataset):
                 )
             if unlabeled_split_name is None:
                 unlabeled_split_name = labeled_split_name
+            if unlabeled_dataset_name is None:
+                unlabeled_dataset_name = labeled_dataset_name
         if unlabeled_indices is not None and len(unlabeled_indices) == 0:
             raise ValueError(
-                "The unlabelled set is empty: every training row is labelled (or `unlabeled_indices` is empty). "
-                "Label fewer rows or pass an `unlabeled_dataset`."
+                f"The unlabelled set{labeled_source} is empty: every training row is labelled (or "
+                "`unlabeled_indices` is empty). Label fewer rows or pass an `unlabeled_dataset`."
             )
         self.labeled = _SegmentationRows(
             labeled_dataset,
@@ -1242,6 +1319,8 @@ class SemiSupervisedSegmentationDataset(torch.utils.data.Dataset):
             label_column=label_column,
             id_column=id_column,
             split_name=labeled_split_name,
+            dataset_name=labeled_dataset_name,
+            skip_undecodable=skip_undecodable,
         )
         self.unlabeled = _SegmentationRows(
             unlabeled_dataset,
@@ -1251,6 +1330,8 @@ class SemiSupervisedSegmentationDataset(torch.utils.data.Dataset):
             label_column=None,
             id_column=id_column,
             split_name=unlabeled_split_name,
+            dataset_name=unlabeled_dataset_name,
+            skip_undecodable=skip_undecodable,
         )
         if not isinstance(transform, SegmentationTransform) or not transform.train:
             raise ValueError("`transform` must be a training `SegmentationTransform` (train=True).")
@@ -1275,6 +1356,11 @@ class SemiSupervisedSegmentationDataset(torch.utils.data.Dataset):
     def num_unlabeled(self) -> int:
         """Number of unlabelled samples."""
         return len(self.unlabeled)
+
+    @property
+    def skipped_samples(self) -> list[str]:
+        """Why each sample left out by `skip_undecodable=True` could not be decoded (empty otherwise)."""
+        return self.labeled.skipped_samples + self.unlabeled.skipped_samples
 
     def __len__(self) -> int:
         return max(self.num_labeled, self.num_unlabeled)
@@ -1371,6 +1457,11 @@ class SupervisedSegmentationDataset(torch.utils.data.Dataset):
             Label value ignored by the losses and metrics.
         split_name (`str`, *optional*, defaults to `"validation"`):
             Split name used in error messages.
+        dataset_name (`str`, *optional*):
+            Dataset name used in error messages.
+        skip_undecodable (`bool`, *optional*, defaults to `False`):
+            Leave out, with a warning, the rows whose image or mask cannot be decoded (listed in
+            `skipped_samples`), as in [`SemiSupervisedSegmentationDataset`].
     """
 
     def __init__(
@@ -1388,11 +1479,14 @@ class SupervisedSegmentationDataset(torch.utils.data.Dataset):
         seed: int = 0,
         ignore_index: int = 255,
         split_name: str = "validation",
+        dataset_name: str | None = None,
+        skip_undecodable: bool = False,
     ) -> None:
         if num_labels < 1:
             raise ValueError(f"`num_labels` must be >= 1, got {num_labels}.")
         if indices is not None and len(indices) == 0:
-            raise ValueError(f"The {split_name!r} set is empty: `indices` selects no rows.")
+            source = f" of dataset {dataset_name!r}" if dataset_name else ""
+            raise ValueError(f"The {split_name!r} set{source} is empty: `indices` selects no rows.")
         self.rows = _SegmentationRows(
             dataset,
             indices,
@@ -1401,6 +1495,8 @@ class SupervisedSegmentationDataset(torch.utils.data.Dataset):
             label_column=label_column,
             id_column=id_column,
             split_name=split_name,
+            dataset_name=dataset_name,
+            skip_undecodable=skip_undecodable,
         )
         self.transform = transform or SegmentationTransform(
             train=False, mean=mean, std=std, ignore_index=ignore_index
@@ -1412,6 +1508,11 @@ class SupervisedSegmentationDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def skipped_samples(self) -> list[str]:
+        """Why each sample left out by `skip_undecodable=True` could not be decoded (empty otherwise)."""
+        return self.rows.skipped_samples
 
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch (only matters with a training transform)."""

@@ -12,9 +12,9 @@ from typing import Any
 import datasets
 import yaml
 from transformers import HfArgumentParser, set_seed
-from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .checkpointing import checkpoint_problems, last_complete_checkpoint
 from .configuration_cps import CPSConfig
 from .data import (
     SegmentationTransform,
@@ -144,6 +144,13 @@ class DataArguments:
     synthetic_num_train: int = field(default=512, metadata={"help": "Synthetic data: training images."})
     synthetic_num_val: int = field(default=128, metadata={"help": "Synthetic data: validation images."})
     synthetic_image_size: int = field(default=96, metadata={"help": "Synthetic data: image size."})
+    skip_undecodable_samples: bool = field(
+        default=False,
+        metadata={
+            "help": "Decode every sample once before training and leave out (and count) those that cannot be "
+            "decoded, instead of stopping at the first one."
+        },
+    )
 
     def __post_init__(self):
         if self.eval_split is not None and self.eval_split.lower() in ("", "none", "null"):
@@ -187,12 +194,25 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 
 def resolve_class_names(data_args: DataArguments, train_dataset: datasets.Dataset) -> list[str]:
+    """The class names in id order: `--class_names`, the synthetic dataset's, those the dataset stores in its
+    description (`{"class_names": [...]}`), or generic names for `--num_labels` classes.
+
+    Raises:
+        ValueError: if `--num_labels` disagrees with the number of names, or nothing gives the classes.
+    """
+    names = None
     if data_args.class_names:
-        return list(data_args.class_names)
-    if data_args.dataset_name in (None, "synthetic"):
-        return list(SYNTHETIC_CLASS_NAMES)
-    names = dataset_class_names(train_dataset)
+        names = list(data_args.class_names)
+    elif data_args.dataset_name in (None, "synthetic"):
+        names = list(SYNTHETIC_CLASS_NAMES)
+    else:
+        names = dataset_class_names(train_dataset)
     if names:
+        if data_args.num_labels is not None and data_args.num_labels != len(names):
+            raise ValueError(
+                f"--num_labels is {data_args.num_labels} but dataset {data_args.dataset_name!r} has "
+                f"{len(names)} classes ({names}); drop --num_labels or fix the class names."
+            )
         return names
     if data_args.num_labels is None:
         raise ValueError(
@@ -201,15 +221,17 @@ def resolve_class_names(data_args: DataArguments, train_dataset: datasets.Datase
     return [f"class_{index}" for index in range(data_args.num_labels)]
 
 
-def build_model(model_args: ModelArguments, class_names: list[str]) -> CPSForSemanticSegmentation:
+def build_model(
+    model_args: ModelArguments, class_names: list[str], dataset_name: str | None = None
+) -> CPSForSemanticSegmentation:
     id2label = dict(enumerate(class_names))
     label2id = {name: index for index, name in id2label.items()}
     if model_args.model_name_or_path is not None:
         model = CPSForSemanticSegmentation.from_pretrained(model_args.model_name_or_path)
         if model.config.num_labels != len(class_names):
             raise ValueError(
-                f"{model_args.model_name_or_path} predicts {model.config.num_labels} classes but the dataset has "
-                f"{len(class_names)} ({class_names})."
+                f"{model_args.model_name_or_path} predicts {model.config.num_labels} classes but dataset "
+                f"{dataset_name!r} has {len(class_names)} ({class_names})."
             )
         return model
     multi_grid = model_args.multi_grid if model_args.multi_grid and 0 not in model_args.multi_grid else None
@@ -245,6 +267,7 @@ class ExperimentData:
     num_unlabeled: int
     split_fingerprint: str
     split: dict[str, Any]
+    skipped_samples: list[str] = field(default_factory=list)
 
 
 def build_data(
@@ -260,8 +283,11 @@ def build_data(
     dataset_dict = load_segmentation_dataset(
         data_args.dataset_name, cache_dir=data_args.cache_dir, **synthetic_kwargs
     )
-    train_split = get_split(dataset_dict, data_args.train_split, data_args.dataset_name)
-    check_columns(train_split, data_args.image_column, data_args.label_column)
+    dataset_name = data_args.dataset_name or "synthetic"
+    train_split = get_split(dataset_dict, data_args.train_split, dataset_name)
+    check_columns(
+        train_split, data_args.image_column, data_args.label_column, data_args.train_split, dataset_name
+    )
     class_names = resolve_class_names(data_args, train_split)
     labeled_indices = select_labeled_indices(
         train_split,
@@ -270,6 +296,7 @@ def build_data(
         labeled_count=data_args.labeled_count,
         split_seed=data_args.split_seed,
         id_column=data_args.id_column,
+        dataset_name=dataset_name,
     )
     mean, std = backbone_normalization(backbone)
     train_transform = SegmentationTransform(
@@ -279,6 +306,7 @@ def build_data(
         image_column=data_args.image_column,
         label_column=data_args.label_column,
         id_column=data_args.id_column,
+        skip_undecodable=data_args.skip_undecodable_samples,
     )
     if training_args.supervised_only:
         train_dataset = SupervisedSegmentationDataset(
@@ -288,9 +316,10 @@ def build_data(
             transform=train_transform,
             seed=training_args.seed,
             split_name=data_args.train_split,
+            dataset_name=dataset_name,
             **common,
         )
-        num_unlabeled = 0
+        num_labeled, num_unlabeled = len(train_dataset), 0
     else:
         unlabeled_dataset = None
         if data_args.unlabeled_dataset_name is not None:
@@ -316,13 +345,16 @@ def build_data(
             cutmix=training_args.cutmix,
             seed=training_args.seed,
             labeled_split_name=data_args.train_split,
+            unlabeled_split_name=data_args.unlabeled_split if unlabeled_dataset is not None else None,
+            labeled_dataset_name=dataset_name,
+            unlabeled_dataset_name=data_args.unlabeled_dataset_name,
             **common,
         )
-        num_unlabeled = train_dataset.num_unlabeled
+        num_labeled, num_unlabeled = train_dataset.num_labeled, train_dataset.num_unlabeled
 
     eval_dataset = None
     if data_args.eval_split is not None:
-        eval_split = get_split(dataset_dict, data_args.eval_split, data_args.dataset_name)
+        eval_split = get_split(dataset_dict, data_args.eval_split, dataset_name)
         eval_indices = None
         if data_args.max_eval_samples is not None:
             eval_indices = list(range(min(data_args.max_eval_samples, len(eval_split))))
@@ -333,16 +365,19 @@ def build_data(
             num_labels=len(class_names),
             transform=eval_transform,
             split_name=data_args.eval_split,
+            dataset_name=dataset_name,
             **common,
         )
     return ExperimentData(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         class_names=class_names,
-        num_labeled=len(labeled_indices),
+        num_labeled=num_labeled,
         num_unlabeled=num_unlabeled,
         split_fingerprint=split_fingerprint(labeled_indices),
         split=split_record(data_args, len(train_split), labeled_indices, num_unlabeled),
+        skipped_samples=train_dataset.skipped_samples
+        + (eval_dataset.skipped_samples if eval_dataset is not None else []),
     )
 
 
@@ -352,7 +387,11 @@ def _select_unlabeled_rows(
     """The rows of `--unlabeled_ids_file`; with `labeled_indices` (same dataset), reports rows in both sets (the
     PseudoSeg lists overlap) and rows in neither."""
     unlabeled_indices = select_indices_from_ids_file(
-        dataset, data_args.unlabeled_ids_file, id_column=data_args.id_column
+        dataset,
+        data_args.unlabeled_ids_file,
+        id_column=data_args.id_column,
+        dataset_name=data_args.unlabeled_dataset_name or data_args.dataset_name,
+        subset="unlabelled",
     )
     if labeled_indices is not None:
         both = set(labeled_indices) & set(unlabeled_indices)
@@ -398,6 +437,50 @@ def split_record(
     return record
 
 
+def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None:
+    """The checkpoint a training run continues from, checked before anything is loaded or written.
+
+    An explicit `--resume_from_checkpoint` must be complete (see [`~cps_hf.checkpointing.checkpoint_problems`]).
+    Otherwise the latest complete checkpoint in `output_dir` is used, skipping incomplete ones with a warning. An
+    `output_dir` holding a trained model or only incomplete checkpoints is never overwritten without
+    `--overwrite_output_dir true`.
+
+    Raises:
+        ValueError: for an incomplete explicit checkpoint, or an `output_dir` that would be overwritten.
+    """
+    if not training_args.do_train:
+        return None
+    if training_args.resume_from_checkpoint is not None:
+        problems = checkpoint_problems(training_args.resume_from_checkpoint)
+        if problems:
+            raise ValueError(
+                f"Cannot resume from {training_args.resume_from_checkpoint}: {'; '.join(problems)}. Pass a complete "
+                "checkpoint, or leave --resume_from_checkpoint out to continue from the latest complete one in "
+                "--output_dir."
+            )
+        return training_args.resume_from_checkpoint
+    output_dir = Path(training_args.output_dir)
+    if not output_dir.is_dir():
+        return None
+    last_checkpoint = last_complete_checkpoint(output_dir)
+    if last_checkpoint is not None:
+        logger.warning(f"Resuming from the latest complete checkpoint in {output_dir}: {last_checkpoint}.")
+        return last_checkpoint
+    if training_args.overwrite_output_dir:
+        return None
+    if any(path.is_dir() for path in output_dir.glob("checkpoint-*")):
+        raise ValueError(
+            f"{output_dir} holds checkpoints but none of them is complete (see the warnings above); pass "
+            "--overwrite_output_dir true to start afresh (they are replaced as the new run saves its own) or "
+            "another --output_dir."
+        )
+    if (output_dir / "model.safetensors").exists():
+        raise ValueError(
+            f"{output_dir} already holds a trained model; pass --overwrite_output_dir true or another --output_dir."
+        )
+    return None
+
+
 def run_experiment(
     model_args: ModelArguments, data_args: DataArguments, training_args: CPSTrainingArguments
 ) -> dict[str, Any]:
@@ -406,22 +489,10 @@ def run_experiment(
     # Published once at the end with this project's card, not by the Trainer (checkpoints, its own card).
     hub_request = take_over_hub_push(training_args)
     output_dir = Path(training_args.output_dir)
-    last_checkpoint = None
-    if training_args.do_train and output_dir.is_dir() and training_args.resume_from_checkpoint is None:
-        last_checkpoint = get_last_checkpoint(str(output_dir))
-        if (
-            last_checkpoint is None
-            and (output_dir / "model.safetensors").exists()
-            and not training_args.overwrite_output_dir
-        ):
-            raise ValueError(
-                f"{output_dir} already holds a trained model; pass --overwrite_output_dir true or another --output_dir."
-            )
-        if last_checkpoint is not None:
-            logger.warning(f"Resuming from the latest checkpoint in {output_dir}: {last_checkpoint}.")
+    resume_checkpoint = resolve_resume_checkpoint(training_args)
 
     data = build_data(data_args, training_args, model_args.backbone)
-    model = build_model(model_args, data.class_names)
+    model = build_model(model_args, data.class_names, data_args.dataset_name)
     image_processor = create_image_processor(model.config)
     trainer = CPSTrainer(
         model=model,
@@ -433,9 +504,10 @@ def run_experiment(
     )
     results: dict[str, Any] = {}
     if training_args.do_train:
-        resume = training_args.resume_from_checkpoint or last_checkpoint
-        train_result = trainer.train(resume_from_checkpoint=resume)
+        train_result = trainer.train(resume_from_checkpoint=resume_checkpoint)
         trainer.check_finite_loss()
+        if data_args.skip_undecodable_samples:
+            train_result.metrics["skipped_undecodable_samples"] = len(data.skipped_samples)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)
         trainer.save_metrics("train", train_result.metrics)
@@ -456,6 +528,7 @@ def run_experiment(
             "num_unlabeled": data.num_unlabeled,
             "split_fingerprint": data.split_fingerprint,
             "split": data.split,
+            "skipped_undecodable_samples": data.skipped_samples,
             "training": {
                 key: getattr(training_args, key)
                 for key in (
@@ -486,6 +559,11 @@ def run_experiment(
         write_model_card(output_dir, model.config)
         if hub_request is not None:
             hub_request.publish(output_dir)
+    if data.skipped_samples and trainer.is_world_process_zero():
+        logger.warning(
+            f"Skipped {len(data.skipped_samples)} undecodable sample(s) (listed in cps_recipe.json): "
+            + " | ".join(data.skipped_samples)
+        )
     return results
 
 
@@ -495,6 +573,7 @@ __all__ = [
     "build_data",
     "build_model",
     "parse_experiment_arguments",
+    "resolve_resume_checkpoint",
     "run_experiment",
     "split_record",
 ]

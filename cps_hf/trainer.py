@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import broadcast
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from .checkpointing import STAGING_DIR_NAME, publish_checkpoint
 from .losses import cross_pseudo_supervision_loss, ohem_cross_entropy, supervised_cross_entropy
 from .masking import mix_with_mask
 from .metrics import make_compute_metrics
@@ -32,7 +38,8 @@ class CPSTrainingArguments(TrainingArguments):
     box: SGD (momentum 0.9), poly learning-rate decay (power 0.9), no weight decay on biases and norm layers, no
     gradient clipping (the paper clips nothing; the Trainer's default would clip at norm 1),
     `remove_unused_columns=False` (the unlabelled images are not forward arguments and must not be dropped),
-    streaming evaluation metrics and no unused-parameter search under DDP.
+    streaming evaluation metrics and no unused-parameter search under DDP. Pickled copies (the `training_args.bin`
+    the Trainer writes next to every checkpoint) carry no access token (`hub_token` is set to `None` in them).
 
     Args:
         cps_weight (`float`, *optional*, defaults to 1.5):
@@ -53,8 +60,9 @@ class CPSTrainingArguments(TrainingArguments):
             BatchNorm mode of the no-grad teacher passes that make CutMix pseudo-labels: `"train"` (official; batch
             statistics, running statistics updated) or `"eval"` (running statistics).
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Allow a new run to replace a final model already saved in `output_dir` (checkpoints there are resumed
-            from, never discarded).
+            Allow a new run to replace a final model already saved in `output_dir`, or to start afresh in an
+            `output_dir` none of whose checkpoints is complete (complete checkpoints are resumed from, never
+            discarded).
     """
 
     cps_weight: float = field(
@@ -116,6 +124,15 @@ class CPSTrainingArguments(TrainingArguments):
             raise ValueError("`supervised_only` and `cutmix` exclude each other.")
         super().__post_init__()
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The Trainer pickles its arguments into every checkpoint and output folder (`training_args.bin`), which
+        # get shared: access tokens stay out of them.
+        state = self.__dict__.copy()
+        for name in state:
+            if name.endswith("_token"):
+                state[name] = None
+        return state
+
 
 class EpochForwardingCallback(TrainerCallback):
     """Tells the training dataset which epoch starts, so its per-item augmentation seeds follow the epoch.
@@ -143,6 +160,9 @@ class CPSTrainer(Trainer):
 
     The model is always called through its (possibly DDP-wrapped) `forward`, once per image batch with every
     branch, so distributed gradient synchronisation sees every pass.
+
+    Checkpoints are published atomically: each is written into `<output_dir>/.incomplete/` and renamed to
+    `checkpoint-<step>` once complete (see [`~cps_hf.checkpointing.last_complete_checkpoint`] for resuming).
     """
 
     # `compute_loss` returns a per-batch mean; the Trainer divides it for gradient accumulation.
@@ -164,6 +184,7 @@ class CPSTrainer(Trainer):
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_count = 0
         self._first_nonfinite_step: torch.Tensor | None = None
+        self._checkpoint_staging_dir: str | None = None
         self.add_callback(EpochForwardingCallback(self))
         if self.args.world_size > 1 and self.args.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
@@ -245,9 +266,54 @@ class CPSTrainer(Trainer):
                 "clipping (--max_grad_norm) or check the data of that step."
             )
 
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, the Trainer's save steps see the staging folder as the run folder.
+        if self._checkpoint_staging_dir is not None:
+            return self._checkpoint_staging_dir
+        return super()._get_output_dir(trial)
+
     def _save_checkpoint(self, model, trial) -> None:
+        """Writes the checkpoint into `<run dir>/.incomplete/` and renames it into place once every process has
+        written its part, so that `checkpoint-<step>` is either complete or absent (see [`~cps_hf.checkpointing`])."""
         self.check_finite_loss()
-        super()._save_checkpoint(model, trial)
+        run_dir = super()._get_output_dir(trial)
+        checkpoint_name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging_dir = os.path.join(run_dir, STAGING_DIR_NAME)
+        if self.args.should_save:
+            # A leftover of an interrupted save of this step is ours to replace.
+            shutil.rmtree(os.path.join(staging_dir, checkpoint_name), ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging_dir = staging_dir
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging_dir = None
+        final_dir = os.path.join(run_dir, checkpoint_name)
+        if self.state.best_global_step is not None:
+            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+            if self.state.best_global_step == self.state.global_step or os.path.isdir(best_dir):
+                self.state.best_model_checkpoint = best_dir
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            # The state was written with staging paths in it; write it again as it will be read.
+            self.state.save_to_json(os.path.join(staging_dir, checkpoint_name, TRAINER_STATE_NAME))
+            publish_checkpoint(os.path.join(staging_dir, checkpoint_name), final_dir)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        # Without Sync-BN, each process's last training forward updated its own BatchNorm running statistics (DDP
+        # broadcasts them from the main process only at the start of a training forward): every process evaluates
+        # with the main process's, the ones it saves, so the metrics describe the saved model.
+        if self.args.world_size > 1:
+            with torch.no_grad():
+                broadcast(list(self.model.buffers()), from_process=0)
+        return super().evaluate(*args, **kwargs)
 
     def _evaluation_loss(self, model, inputs, return_outputs):
         outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))
