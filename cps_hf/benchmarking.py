@@ -10,7 +10,6 @@ steps from the same initial weights on the same batches, each in its own process
 
 from __future__ import annotations
 
-import concurrent.futures
 import multiprocessing
 import os
 import platform
@@ -177,7 +176,8 @@ def fast_cutmix_step(
     *,
     dtype: torch.dtype,
     merge_teacher_batches: bool = False,
-    channels_last: bool = True,
+    channels_last: bool = False,
+    teacher_channels_last: bool = True,
 ) -> CutMixStepOutput:
     """
     One CutMix CPS training step that learns what [`reference_cutmix_step`] learns, with fewer and cheaper calls:
@@ -213,6 +213,9 @@ def fast_cutmix_step(
     _check_cutmix_batch(batch)
     _check_dtype(dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    teacher_format = (
+        torch.channels_last if teacher_channels_last or channels_last else torch.contiguous_format
+    )
     source_images, partner_images, labeled_images = (
         batch[key].contiguous(memory_format=memory_format) for key in IMAGE_KEYS
     )
@@ -223,13 +226,19 @@ def fast_cutmix_step(
 
     with torch.no_grad(), autocast:
         if merge_teacher_batches:
-            both_images = torch.cat([source_images, partner_images])  # (2 * batch, 3, H, W)
+            both_images = torch.cat([source_images, partner_images]).contiguous(memory_format=teacher_format)
             teacher_logits = model(pixel_values=both_images, output_branch_logits=True, return_dict=True)
             logit_pairs = [logits.chunk(2) for logits in teacher_logits.branch_logits]
         else:
-            source_logits = model(pixel_values=source_images, output_branch_logits=True, return_dict=True)
-            partner_logits = model(pixel_values=partner_images, output_branch_logits=True, return_dict=True)
-            logit_pairs = list(zip(source_logits.branch_logits, partner_logits.branch_logits))
+            source_logits, partner_logits = (
+                model(
+                    pixel_values=images.contiguous(memory_format=teacher_format),
+                    output_branch_logits=True,
+                    return_dict=True,
+                ).branch_logits
+                for images in (source_images, partner_images)
+            )
+            logit_pairs = list(zip(source_logits, partner_logits))
         pseudo_labels = [
             mix_with_mask(source, partner, masks).argmax(dim=1) for source, partner in logit_pairs
         ]
@@ -311,6 +320,57 @@ def _synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+class _StepTimer:
+    """Times single steps of one step function; summarises them with the memory figures of this process."""
+
+    def __init__(
+        self, step_fn: Callable[[Mapping[str, Tensor]], Any], make_batch: Callable[[], Mapping[str, Tensor]]
+    ):
+        self.step_fn, self.make_batch = step_fn, make_batch
+        self.device = self.images_per_step = self.rss_before = None
+
+    def step(self) -> float:
+        batch = self.make_batch()
+        if self.device is None:
+            self.device = batch["pixel_values"].device
+            self.images_per_step = batch["pixel_values"].shape[0] + batch["unlabeled_pixel_values"].shape[0]
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            else:
+                self.rss_before = _current_rss_bytes()
+        _synchronize(self.device)
+        start = time.perf_counter()
+        self.step_fn(batch)
+        _synchronize(self.device)
+        return time.perf_counter() - start
+
+    def summary(self, timings: list[float]) -> dict[str, Any]:
+        median = statistics.median(timings)
+        result: dict[str, Any] = {
+            "step_seconds_median": median,
+            "step_seconds_min": min(timings),
+            "step_seconds_max": max(timings),
+            "step_seconds": timings,
+            "images_per_step": self.images_per_step,
+            "images_per_second": self.images_per_step / median,
+        }
+        if self.device.type == "cuda":
+            result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+            result["peak_memory_kind"] = "cuda_max_memory_allocated"
+        else:
+            result["peak_memory_bytes"] = _peak_rss_bytes()
+            result["peak_memory_kind"] = "process_peak_rss"
+            result["rss_before_steps_bytes"] = self.rss_before
+        return result
+
+
+def _check_step_counts(steps: int, warmup: int) -> None:
+    if steps < 1:
+        raise ValueError(f"`steps` must be >= 1, got {steps}.")
+    if warmup < 0:
+        raise ValueError(f"`warmup` must be >= 0, got {warmup}.")
+
+
 def benchmark_steps(
     step_fn: Callable[[Mapping[str, Tensor]], Any],
     make_batch: Callable[[], Mapping[str, Tensor]],
@@ -340,44 +400,10 @@ def benchmark_steps(
         `images_per_second` (per median step), `peak_memory_bytes`, `peak_memory_kind` and, off CUDA,
         `rss_before_steps_bytes`.
     """
-    if steps < 1:
-        raise ValueError(f"`steps` must be >= 1, got {steps}.")
-    if warmup < 0:
-        raise ValueError(f"`warmup` must be >= 0, got {warmup}.")
-    timings: list[float] = []
-    device = images_per_step = rss_before = None
-    for step_index in range(warmup + steps):
-        batch = make_batch()
-        if device is None:
-            device = batch["pixel_values"].device
-            images_per_step = batch["pixel_values"].shape[0] + batch["unlabeled_pixel_values"].shape[0]
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            else:
-                rss_before = _current_rss_bytes()
-        _synchronize(device)
-        start = time.perf_counter()
-        step_fn(batch)
-        _synchronize(device)
-        if step_index >= warmup:
-            timings.append(time.perf_counter() - start)
-    median = statistics.median(timings)
-    result: dict[str, Any] = {
-        "step_seconds_median": median,
-        "step_seconds_min": min(timings),
-        "step_seconds_max": max(timings),
-        "step_seconds": timings,
-        "images_per_step": images_per_step,
-        "images_per_second": images_per_step / median,
-    }
-    if device.type == "cuda":
-        result["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
-        result["peak_memory_kind"] = "cuda_max_memory_allocated"
-    else:
-        result["peak_memory_bytes"] = _peak_rss_bytes()
-        result["peak_memory_kind"] = "process_peak_rss"
-        result["rss_before_steps_bytes"] = rss_before
-    return result
+    _check_step_counts(steps, warmup)
+    timer = _StepTimer(step_fn, make_batch)
+    timings = [timer.step() for _ in range(warmup + steps)][warmup:]
+    return timer.summary(timings)
 
 
 @dataclass
@@ -408,7 +434,17 @@ class BenchmarkArguments:
         default=False,
         metadata={"help": "Fast step: one teacher call on u0+u1 (changes train-mode BatchNorm statistics)."},
     )
-    channels_last: bool = field(default=True, metadata={"help": "Fast step: channels-last layout."})
+    channels_last: bool = field(
+        default=False, metadata={"help": "Fast step: channels-last layout of the whole model."}
+    )
+    teacher_channels_last: bool = field(
+        default=True,
+        metadata={"help": "Fast step: channels-last inputs for the no-grad teacher passes only."},
+    )
+    skip_padding_taps: bool = field(
+        default=True,
+        metadata={"help": "Fast step: dilated convolutions skip taps that only read zero padding (exact)."},
+    )
     compile: bool = field(default=False, metadata={"help": "Fast step: torch.compile each branch."})
     fused_optimizer: bool = field(
         default=True, metadata={"help": "Fast step: fused SGD kernel (same update, fewer kernel launches)."}
@@ -441,10 +477,16 @@ class BenchmarkArguments:
         torch.device(self.device)  # fails fast on a malformed device string
 
 
-def build_benchmark_model(args: BenchmarkArguments) -> CPSForSemanticSegmentation:
-    """The benchmarked network (random weights drawn from `args.seed`), in training mode on CPU."""
+def build_benchmark_model(args: BenchmarkArguments, mode: str = "fast") -> CPSForSemanticSegmentation:
+    """The benchmarked network (random weights drawn from `args.seed`), in training mode on CPU. The reference
+    step's network computes every convolution tap, as the official implementation does."""
     multi_grid = args.multi_grid if args.multi_grid and 0 not in args.multi_grid else None
-    config = CPSConfig(backbone=args.backbone, multi_grid=multi_grid, num_labels=args.num_labels)
+    config = CPSConfig(
+        backbone=args.backbone,
+        multi_grid=multi_grid,
+        num_labels=args.num_labels,
+        skip_padding_taps=args.skip_padding_taps and mode == "fast",
+    )
     torch.manual_seed(args.seed)
     return CPSForSemanticSegmentation(config).train()
 
@@ -455,15 +497,11 @@ def _state_checksum(model: nn.Module) -> float:
         return float(sum(tensor.double().sum() for tensor in model.state_dict().values()))
 
 
-def run_step_benchmark(args: BenchmarkArguments, mode: str) -> dict[str, Any]:
-    """
-    Benchmarks one step (`"reference"` or `"fast"`) in this process: builds the model from `args.seed`, an SGD
-    optimizer (momentum 0.9) and a batch stream from `args.seed`, then calls [`benchmark_steps`].
-
-    Returns:
-        `dict`: [`benchmark_steps`]'s result plus `initial_weights_checksum`, `final_loss`, `num_threads` and
-        `device_name`.
-    """
+def _build_step(
+    args: BenchmarkArguments, mode: str
+) -> tuple[_StepTimer, dict[str, Any], list[CutMixStepOutput]]:
+    """The model (from `args.seed`), SGD optimizer (momentum 0.9), batch stream (from `args.seed`) and step function
+    of one mode, wrapped in a timer; plus facts about the setup and the list the step outputs are appended to."""
     if mode not in STEP_MODES:
         raise ValueError(f"`mode` must be one of {STEP_MODES}, got {mode!r}.")
     if args.num_threads is not None:
@@ -471,7 +509,7 @@ def run_step_benchmark(args: BenchmarkArguments, mode: str) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = args.cudnn_benchmark
-    model = build_benchmark_model(args)
+    model = build_benchmark_model(args, mode)
     checksum = _state_checksum(model)
     fast = mode == "fast"
     model.to(device)
@@ -492,40 +530,130 @@ def run_step_benchmark(args: BenchmarkArguments, mode: str) -> dict[str, Any]:
         )
 
     outputs: list[CutMixStepOutput] = []
-    if fast:
 
-        def step_fn(batch: Mapping[str, Tensor]) -> None:
-            outputs.append(
-                fast_cutmix_step(
-                    model,
-                    batch,
-                    optimizer,
-                    args.cps_weight,
-                    dtype=DTYPES[args.dtype],
-                    merge_teacher_batches=args.merge_teacher_batches,
-                    channels_last=args.channels_last,
-                )
+    def step_fn(batch: Mapping[str, Tensor]) -> None:
+        if fast:
+            output = fast_cutmix_step(
+                model,
+                batch,
+                optimizer,
+                args.cps_weight,
+                dtype=DTYPES[args.dtype],
+                merge_teacher_batches=args.merge_teacher_batches,
+                channels_last=args.channels_last,
+                teacher_channels_last=args.teacher_channels_last,
             )
-    else:
+        else:
+            output = reference_cutmix_step(model, batch, optimizer, args.cps_weight)
+        outputs.append(output)
 
-        def step_fn(batch: Mapping[str, Tensor]) -> None:
-            outputs.append(reference_cutmix_step(model, batch, optimizer, args.cps_weight))
-
-    result = benchmark_steps(step_fn, make_batch, args.steps, args.warmup)
-    result.update(
-        initial_weights_checksum=checksum,
-        final_loss=outputs[-1].loss.item(),
-        num_threads=torch.get_num_threads(),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-    )
-    return result
+    facts = {
+        "initial_weights_checksum": checksum,
+        "num_threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    }
+    return _StepTimer(step_fn, make_batch), facts, outputs
 
 
-def _run_in_fresh_process(args: BenchmarkArguments, mode: str) -> dict[str, Any]:
-    # spawn, not fork: a clean interpreter (no inherited RSS high-water mark, thread pools or CUDA context).
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as executor:
-        return executor.submit(run_step_benchmark, args, mode).result()
+def _finish(timer: _StepTimer, facts: dict[str, Any], outputs: list[CutMixStepOutput], timings: list[float]):
+    return {**timer.summary(timings), **facts, "final_loss": outputs[-1].loss.item()}
+
+
+def run_step_benchmark(args: BenchmarkArguments, mode: str) -> dict[str, Any]:
+    """
+    Benchmarks one step (`"reference"` or `"fast"`) on its own in this process: `args.warmup` untimed and
+    `args.steps` timed steps (see [`benchmark_steps`]).
+
+    Returns:
+        `dict`: [`benchmark_steps`]'s result plus `initial_weights_checksum`, `final_loss`, `num_threads` and
+        `device_name`.
+    """
+    _check_step_counts(args.steps, args.warmup)
+    timer, facts, outputs = _build_step(args, mode)
+    timings = [timer.step() for _ in range(args.warmup + args.steps)][args.warmup :]
+    return _finish(timer, facts, outputs, timings)
+
+
+def _step_worker(connection: Any, args: BenchmarkArguments, mode: str) -> None:
+    # Runs in a spawned process: answers "step" with one step's seconds, a list of timings with the summary.
+    timer, facts, outputs = _build_step(args, mode)
+    connection.send("ready")
+    while True:
+        command = connection.recv()
+        if command == "step":
+            connection.send(timer.step())
+        else:
+            connection.send(_finish(timer, facts, outputs, command))
+            return
+
+
+class _ProcessStepper:
+    """One mode's steps in a fresh spawned process (clean interpreter: its own RSS high-water mark, thread pools
+    and CUDA context), driven one step at a time."""
+
+    def __init__(self, args: BenchmarkArguments, mode: str):
+        context = multiprocessing.get_context("spawn")
+        self.connection, child_connection = context.Pipe()
+        self.process = context.Process(target=_step_worker, args=(child_connection, args, mode), daemon=True)
+        self.process.start()
+
+    def _receive(self) -> Any:
+        while not self.connection.poll(1.0):
+            if not self.process.is_alive():
+                raise RuntimeError(f"The benchmark process stopped (exit code {self.process.exitcode}).")
+        return self.connection.recv()
+
+    def wait_ready(self) -> None:
+        self._receive()
+
+    def step(self) -> float:
+        self.connection.send("step")
+        return self._receive()
+
+    def finish(self, timings: list[float]) -> dict[str, Any]:
+        self.connection.send(timings)
+        result = self._receive()
+        self.process.join()
+        return result
+
+
+class _LocalStepper:
+    def __init__(self, args: BenchmarkArguments, mode: str):
+        self.timer, self.facts, self.outputs = _build_step(args, mode)
+
+    def wait_ready(self) -> None:
+        pass
+
+    def step(self) -> float:
+        return self.timer.step()
+
+    def finish(self, timings: list[float]) -> dict[str, Any]:
+        return _finish(self.timer, self.facts, self.outputs, timings)
+
+
+def run_interleaved(args: BenchmarkArguments) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    Times the reference and the fast step alternately, one step each in turn (and the order swapped every round),
+    so that a slow spell of the machine hits both alike: the ratio of the medians is measured side by side. Each
+    step runs in its own fresh process when `args.isolate_processes` (memory figures per step), otherwise both in
+    this process.
+
+    Returns:
+        `tuple[dict, dict]`: the reference's and the fast step's [`run_step_benchmark`]-style results.
+    """
+    _check_step_counts(args.steps, args.warmup)
+    stepper_class = _ProcessStepper if args.isolate_processes else _LocalStepper
+    steppers = {mode: stepper_class(args, mode) for mode in STEP_MODES}
+    for stepper in steppers.values():
+        stepper.wait_ready()
+    timings: dict[str, list[float]] = {mode: [] for mode in STEP_MODES}
+    for round_index in range(args.warmup + args.steps):
+        order = STEP_MODES if round_index % 2 == 0 else STEP_MODES[::-1]
+        for mode in order:
+            seconds = steppers[mode].step()
+            if round_index >= args.warmup:
+                timings[mode].append(seconds)
+    return tuple(steppers[mode].finish(timings[mode]) for mode in STEP_MODES)
 
 
 def describe_machine() -> dict[str, Any]:
@@ -553,18 +681,17 @@ def describe_machine() -> dict[str, Any]:
 
 def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
     """
-    Benchmarks the reference step (always fp32, NCHW, plain SGD) and the fast step (options from `args`) from the
-    same initial weights on the same batch stream, each in a fresh process when `args.isolate_processes`
-    (otherwise both in this process: CPU peak RSS then covers both and is reported as such).
+    Benchmarks the reference step (always fp32, NCHW, every convolution tap, plain SGD) and the fast step (options
+    from `args`) from the same initial weights on the same batch stream, alternating their steps (see
+    [`run_interleaved`]), each in a fresh process when `args.isolate_processes` (otherwise both in this process:
+    CPU peak RSS then covers both and is reported as such).
 
     Returns:
         `dict`, JSON-ready: `reference_step_seconds`, `step_seconds` (medians), `speedup`, images/s and peak memory
         of both, `same_initial_weights`, `settings`, `machine`, and the full per-mode results under `reference`
         and `fast`.
     """
-    run = _run_in_fresh_process if args.isolate_processes else run_step_benchmark
-    reference = run(args, "reference")
-    fast = run(args, "fast")
+    reference, fast = run_interleaved(args)
     same_weights = reference["initial_weights_checksum"] == fast["initial_weights_checksum"]
     if not same_weights:
         logger.warning("The two steps started from different weights: the comparison is not like for like.")
@@ -633,5 +760,6 @@ __all__ = [
     "prepare_model_for_fast_step",
     "reference_cutmix_step",
     "run_benchmark",
+    "run_interleaved",
     "run_step_benchmark",
 ]

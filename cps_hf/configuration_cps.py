@@ -62,6 +62,11 @@ class CPSConfig(PreTrainedConfig):
             paper's choice), `"xavier_normal"`, `"normal"` (std `initializer_range`) or `"torch_default"`.
             BatchNorm weights start at 1 and biases at 0 in every scheme. Backbones keep their timm (or
             pretrained) weights.
+        skip_padding_taps (`bool`, *optional*, defaults to `True`):
+            Let dilated convolutions skip the kernel rows and columns that only ever read zero padding (dilation at
+            least the feature map's size, e.g. the ASPP's rates 12 and 18 on the 8x8 map of a 128-pixel crop). The
+            skipped taps multiply zeros, so outputs and gradients are the same up to floating-point summation order;
+            only time is saved. `False` computes every tap, as the official implementation does.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the `"normal"` head initialisation.
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
@@ -94,6 +99,7 @@ class CPSConfig(PreTrainedConfig):
     inference_branch: int | Literal["ensemble"] = 0
     share_backbone_initialization: bool = True
     head_init: str = "kaiming_normal"
+    skip_padding_taps: bool = True
     initializer_range: float = 0.02
     semantic_loss_ignore_index: int = 255
 

@@ -110,6 +110,67 @@ def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
             conv.padding = (dilation, dilation)
 
 
+class PaddingAwareConv2d(nn.Conv2d):
+    """
+    A zero-padded, stride-1 dilated `nn.Conv2d` that leaves out the kernel rows and columns whose every input lies in
+    the padding: with dilation `d` and a map `size <= d` pixels high, the outer rows of a 3x3 kernel only ever see
+    zeros. The remaining taps are applied with the matching smaller padding, so the output equals the full
+    convolution's (up to summation order) and the skipped weights get the zero gradient they would get anyway.
+    Parameters and state-dict keys are those of `nn.Conv2d`.
+    """
+
+    def _kept_radius(self, axis: int, size: int) -> int:
+        radius = self.kernel_size[axis] // 2
+        # Tap `j` of the kernel (offset `j * dilation` from the centre) reads inside the map for some output iff
+        # `|j| * dilation < size`.
+        return min(radius, (size - 1) // self.dilation[axis])
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        height, width = input.shape[-2:]
+        kept = (self._kept_radius(0, height), self._kept_radius(1, width))
+        full = (self.kernel_size[0] // 2, self.kernel_size[1] // 2)
+        if kept == full:
+            return super().forward(input)
+        centre = full
+        weight = self.weight[
+            :,
+            :,
+            centre[0] - kept[0] : centre[0] + kept[0] + 1,
+            centre[1] - kept[1] : centre[1] + kept[1] + 1,
+        ]
+        padding = (kept[0] * self.dilation[0], kept[1] * self.dilation[1])
+        return F.conv2d(input, weight, self.bias, self.stride, padding, self.dilation, self.groups)
+
+
+def _can_skip_padding_taps(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.stride == (1, 1)
+        and conv.padding_mode == "zeros"
+        and conv.groups == 1
+        and all(size % 2 == 1 for size in conv.kernel_size)
+        and max(conv.dilation) > 1
+        and conv.padding == tuple(d * (k // 2) for d, k in zip(conv.dilation, conv.kernel_size))
+    )
+
+
+def use_padding_aware_convolutions(module: nn.Module) -> int:
+    """Turns every dilated, zero-padded, stride-1 `nn.Conv2d` inside `module` into a [`PaddingAwareConv2d`].
+
+    The class of each convolution is changed in place: its parameters stay the same objects (with the flags that
+    keep `post_init` from re-initialising pretrained backbone weights), and state-dict keys do not change.
+
+    Returns:
+        `int`: how many convolutions were changed.
+    """
+    converted = 0
+    for conv in module.modules():
+        if _can_skip_padding_taps(conv):
+            conv.__class__ = PaddingAwareConv2d
+            converted += 1
+    return converted
+
+
 def conv_norm(
     in_channels: int, out_channels: int, kernel_size: int, config: CPSConfig, dilation: int = 1
 ) -> list[nn.Module]:
@@ -196,6 +257,8 @@ class CPSDeepLabV3PlusBranch(nn.Module):
         self.aspp = CPSAtrousSpatialPyramidPooling(sum(channels[i] for i in self.high_level_indices), config)
         self.decoder = CPSDecoder(channels[self.low_level_index], config)
         self.classifier = nn.Conv2d(config.decoder_channels, config.num_labels, 1)
+        if config.skip_padding_taps:
+            use_padding_aware_convolutions(self)
         # Native-stride backbones (HRNet) fuse their resolutions by exact up/down-sampling and need inputs that
         # are a multiple of their deepest stride; dilated backbones take any size.
         self.input_multiple = max(reductions) if config.output_stride is None else 1
@@ -411,4 +474,6 @@ __all__ = [
     "CPSForSemanticSegmentation",
     "CPSPreTrainedModel",
     "CPSSemanticSegmenterOutput",
+    "PaddingAwareConv2d",
+    "use_padding_aware_convolutions",
 ]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cps_hf import CPSForSemanticSegmentation
+from cps_hf import CPSConfig, CPSForSemanticSegmentation
 from cps_hf.benchmarking import (
     BenchmarkArguments,
     benchmark_steps,
@@ -57,7 +57,15 @@ def make_batches(num_steps: int, same_unlabeled_images: bool = False) -> list[di
 
 def train(model, batches, fast: bool, **fast_options):
     """Runs the steps from a copy of `model` (SGD as the benchmark); returns the step outputs and final state."""
-    model = copy.deepcopy(model)
+    if fast:
+        model = copy.deepcopy(model)
+    else:
+        # The official network computes every dilated-convolution tap, also those that only read zero padding.
+        reference = CPSForSemanticSegmentation(
+            CPSConfig(**{**model.config.to_dict(), "skip_padding_taps": False})
+        )
+        reference.load_state_dict(model.state_dict())
+        model = reference.train()
     if fast:
         prepare_model_for_fast_step(model, channels_last=fast_options.get("channels_last", True))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fast)
@@ -190,3 +198,31 @@ def test_isolated_benchmark_runs_each_step_in_its_own_process():
     report = run_benchmark(args)
     assert report["memory_isolated"] is True and report["same_initial_weights"] is True
     assert report["reference"]["rss_before_steps_bytes"] < report["reference_peak_memory_bytes"]
+
+
+def test_interleaved_benchmark_alternates_the_two_steps(monkeypatch):
+    from cps_hf import benchmarking
+
+    calls = []
+
+    class RecordingStepper:
+        def __init__(self, args, mode):
+            self.mode = mode
+
+        def wait_ready(self):
+            pass
+
+        def step(self):
+            calls.append(self.mode)
+            return float(len(calls))
+
+        def finish(self, timings):
+            return {"mode": self.mode, "timings": timings}
+
+    monkeypatch.setattr(benchmarking, "_LocalStepper", RecordingStepper)
+    args = BenchmarkArguments(device="cpu", steps=2, warmup=1, isolate_processes=False)
+    reference, fast = benchmarking.run_interleaved(args)
+    # Warm-up round, then the order swaps every round so neither step always runs first.
+    assert calls == ["reference", "fast", "fast", "reference", "reference", "fast"]
+    assert (reference["mode"], reference["timings"]) == ("reference", [4.0, 5.0])
+    assert (fast["mode"], fast["timings"]) == ("fast", [3.0, 6.0])

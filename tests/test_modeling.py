@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 import subprocess
@@ -360,3 +361,44 @@ def test_bad_config_types_raise():
 def test_bad_backbone_choices_raise_clear_errors(overrides, message):
     with pytest.raises(ValueError, match=message):
         CPSForSemanticSegmentation(CPSConfig(num_labels=3, **overrides))
+
+
+@pytest.mark.parametrize("size", [(3, 3), (6, 14), (8, 8), (13, 40), (40, 40)])
+@pytest.mark.parametrize("dilation", [2, 6, 12])
+def test_padding_aware_convolution_equals_the_full_dilated_convolution(size, dilation):
+    from cps_hf.modeling_cps import PaddingAwareConv2d, use_padding_aware_convolutions
+
+    torch.manual_seed(0)
+    full = nn.Conv2d(5, 4, 3, padding=dilation, dilation=dilation, bias=True).double()
+    pruned = copy.deepcopy(full)
+    assert use_padding_aware_convolutions(pruned) == 1 and isinstance(pruned, PaddingAwareConv2d)
+    inputs = torch.randn(2, 5, *size, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 4, *size, dtype=torch.float64)
+    outputs = [conv(inputs) for conv in (full, pruned)]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-12, atol=1e-12)
+    gradients = [
+        torch.autograd.grad(output, (inputs, conv.weight, conv.bias), upstream)
+        for output, conv in zip(outputs, (full, pruned))
+    ]
+    for pruned_gradient, full_gradient in zip(gradients[1], gradients[0]):
+        torch.testing.assert_close(pruned_gradient, full_gradient, rtol=1e-12, atol=1e-12)
+
+
+def test_skip_padding_taps_changes_no_weight_key_or_output(tiny_config):
+    from cps_hf.modeling_cps import PaddingAwareConv2d
+
+    torch.manual_seed(0)
+    skipping = CPSForSemanticSegmentation(tiny_config).eval()
+    computing = CPSForSemanticSegmentation(
+        CPSConfig(**{**tiny_config.to_dict(), "skip_padding_taps": False})
+    ).eval()
+    computing.load_state_dict(skipping.state_dict())
+    assert skipping.state_dict().keys() == computing.state_dict().keys()
+    aspp_convs = list(skipping.branches[0].aspp.branch_convs)[1:]
+    assert all(isinstance(conv, PaddingAwareConv2d) for conv in aspp_convs)
+    assert not any(isinstance(module, PaddingAwareConv2d) for module in computing.modules())
+    pixel_values = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            skipping(pixel_values).logits, computing(pixel_values).logits, rtol=1e-5, atol=1e-5
+        )
