@@ -226,3 +226,12 @@ def test_interleaved_benchmark_alternates_the_two_steps(monkeypatch):
     assert calls == ["reference", "fast", "fast", "reference", "reference", "fast"]
     assert (reference["mode"], reference["timings"]) == ("reference", [4.0, 5.0])
     assert (fast["mode"], fast["timings"]) == ("fast", [3.0, 6.0])
+
+
+def test_metric_benchmark_compares_equal_results():
+    from cps_hf.benchmarking import benchmark_metric
+
+    report = benchmark_metric(num_images=5, height=12, width=10, num_labels=4, batch_size=2, repeats=1)
+    assert report["max_per_class_iou_difference"] < 1e-12
+    assert 0.0 < report["mean_iou"] < 1.0
+    assert report["streaming_seconds"] > 0 and report["histogram_seconds"] > 0

@@ -1,0 +1,45 @@
+"""Speed of cps_hf's streaming confusion-matrix mIoU against the `evaluate`-style per-image histogram algorithm, on
+the same random predictions and labels (default: CamVid validation size, 101 images of 360x480, 11 classes).
+
+    python scripts/benchmark_metric.py --output_json runs/benchmark_metric.json
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import HfArgumentParser
+
+from cps_hf.benchmarking import benchmark_metric
+
+
+@dataclass
+class MetricBenchmarkArguments:
+    num_images: int = field(default=101, metadata={"help": "Images."})
+    height: int = field(default=360, metadata={"help": "Image height."})
+    width: int = field(default=480, metadata={"help": "Image width."})
+    num_labels: int = field(default=11, metadata={"help": "Classes."})
+    batch_size: int = field(default=16, metadata={"help": "Images per streaming update."})
+    repeats: int = field(default=3, metadata={"help": "Repeats (best time is reported)."})
+    output_json: str | None = field(default=None, metadata={"help": "Write the report to this JSON file."})
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(MetricBenchmarkArguments).parse_args_into_dataclasses()
+    settings = {key: value for key, value in vars(args).items() if key != "output_json"}
+    report = benchmark_metric(**settings)
+    print(
+        f"streaming confusion matrix: {report['streaming_seconds']:.3f} s "
+        f"({report['streaming_images_per_second']:.0f} images/s) | evaluate-style histograms: "
+        f"{report['histogram_seconds']:.3f} s ({report['histogram_images_per_second']:.0f} images/s) | "
+        f"speedup {report['speedup']:.1f}x | mIoU {100 * report['mean_iou']:.2f} | "
+        f"max per-class IoU difference {report['max_per_class_iou_difference']:.2e}"
+    )
+    if args.output_json:
+        output_path = Path(args.output_json)
+        output_path.parent.mkdir(parents=True, exist_ok=True)
+        output_path.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
