@@ -235,3 +235,24 @@ def test_metric_benchmark_compares_equal_results():
     assert report["max_per_class_iou_difference"] < 1e-12
     assert 0.0 < report["mean_iou"] < 1.0
     assert report["streaming_seconds"] > 0 and report["histogram_seconds"] > 0
+
+
+def test_data_pipeline_benchmark_runs_the_training_dataset(tmp_path):
+    from cps_hf.benchmarking import benchmark_data_pipeline
+    from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset
+    from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
+
+    splits = make_synthetic_segmentation_dataset(
+        num_train=6, num_val=1, image_size=32, seed=0, cache_dir=str(tmp_path)
+    )
+    dataset = SemiSupervisedSegmentationDataset(
+        splits["train"],
+        [0, 1],
+        transform=SegmentationTransform(train=True, crop_size=24),
+        num_labels=5,
+        cutmix=True,
+    )
+    report = benchmark_data_pipeline(dataset, num_samples=10)
+    assert report["num_samples"] == len(dataset) == 4 and report["samples_per_second"] > 0
+    with pytest.raises(ValueError, match="num_samples"):
+        benchmark_data_pipeline(dataset, 0)
