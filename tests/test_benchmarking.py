@@ -249,7 +249,7 @@ def test_data_pipeline_benchmark_runs_the_training_dataset(tmp_path):
         splits["train"],
         [0, 1],
         transform=SegmentationTransform(train=True, crop_size=24),
-        num_labels=5,
+        num_labels=len(SYNTHETIC_CLASS_NAMES),
         cutmix=True,
     )
     report = benchmark_data_pipeline(dataset, num_samples=10)
