@@ -26,7 +26,7 @@ from transformers.utils import logging
 
 from .data import collate_semi_supervised, decode_image
 from .image_processing import backbone_normalization
-from .metrics import StreamingSegmentationMetric, metrics_from_confusion_matrix
+from .metrics import StreamingSegmentationMetric, class_pixel_shares, metrics_from_confusion_matrix
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -717,7 +717,8 @@ def evaluate_model(
     Returns:
         `dict[str, dict[str, float]]`: for each entry (`"branch_0"`, `"branch_1"`, ..., `"ensemble"`) the metrics
         of [`~cps_hf.metrics.metrics_from_confusion_matrix`]: `mean_iou`, `overall_accuracy`, `mean_accuracy` and
-        `iou_<class name>`.
+        `iou_<class name>`, plus the `predicted_share_<class name>` and `label_share_<class name>` of
+        [`~cps_hf.metrics.class_pixel_shares`].
     """
     config = getattr(model, "config", None)
     num_labels = num_labels if num_labels is not None else getattr(config, "num_labels", None)
@@ -782,7 +783,10 @@ def evaluate_model(
     if accelerator is not None and accelerator.num_processes > 1:
         matrices = accelerator.reduce(matrices, reduction="sum")
     return {
-        branch_result_name(entry): metrics_from_confusion_matrix(matrix, id2label)
+        branch_result_name(entry): {
+            **metrics_from_confusion_matrix(matrix, id2label),
+            **class_pixel_shares(matrix, id2label),
+        }
         for entry, matrix in zip(entries, matrices)
     }
 

@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "StreamingSegmentationMetric",
+    "class_pixel_shares",
     "confusion_matrix",
     "make_compute_metrics",
     "metrics_from_confusion_matrix",
@@ -100,12 +101,42 @@ def metrics_from_confusion_matrix(
         "overall_accuracy": (true_positives.sum() / total_pixels).item() if total_pixels > 0 else math.nan,
         "mean_accuracy": class_accuracy.nanmean().item(),
     }
-    id2label = id2label or {}
     for class_index, class_iou in enumerate(iou.tolist()):
-        # id2label read back from JSON may have string keys.
-        class_name = id2label.get(class_index, id2label.get(str(class_index), str(class_index)))
-        metrics[f"iou_{class_name}"] = class_iou
+        metrics[f"iou_{_class_name(id2label, class_index)}"] = class_iou
     return metrics
+
+
+def _class_name(id2label: Mapping[int, str] | None, class_index: int) -> str:
+    # id2label read back from JSON may have string keys.
+    id2label = id2label or {}
+    return id2label.get(class_index, id2label.get(str(class_index), str(class_index)))
+
+
+def class_pixel_shares(matrix: Tensor, id2label: Mapping[int, str] | None = None) -> dict[str, float]:
+    """How often each class is predicted and how often it is the label, as fractions of the scored pixels.
+
+    Read from the same confusion matrix as the IoUs (ignored pixels excluded): a model that predicts a class much
+    less often than it occurs is biased against it, which per-class IoU alone does not show.
+
+    Args:
+        matrix (`torch.Tensor` of shape `(num_labels, num_labels)`):
+            Accumulated confusion matrix (rows ground truth, columns prediction).
+        id2label (`Mapping[int, str]`, *optional*):
+            Class names used in the keys; classes missing from it are named by their index.
+
+    Returns:
+        `dict[str, float]`: `predicted_share_<class>` and `label_share_<class>` for every class (NaN for an empty
+        matrix).
+    """
+    counts = matrix.detach().to("cpu", torch.float64)
+    total = counts.sum()
+    predicted, labelled = counts.sum(dim=0), counts.sum(dim=1)
+    shares = {}
+    for class_index in range(counts.shape[0]):
+        name = _class_name(id2label, class_index)
+        shares[f"predicted_share_{name}"] = (predicted[class_index] / total).item() if total > 0 else math.nan
+        shares[f"label_share_{name}"] = (labelled[class_index] / total).item() if total > 0 else math.nan
+    return shares
 
 
 class StreamingSegmentationMetric:

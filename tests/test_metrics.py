@@ -219,3 +219,21 @@ def test_update_rejects_bad_shapes():
         metric.update(torch.randn(1, 4, 2, 2), torch.zeros(1, 2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="do not match"):
         metric.update(torch.zeros(1, 2, 3, dtype=torch.long), torch.zeros(1, 2, 2, dtype=torch.long))
+
+
+def test_class_pixel_shares_read_the_confusion_matrix():
+    from cps_hf.metrics import class_pixel_shares
+
+    # rows ground truth, columns prediction: class 1 occurs on 4 of 10 pixels but is predicted on 1.
+    matrix = torch.tensor([[5, 1], [3, 1]])
+    shares = class_pixel_shares(matrix, {0: "road", 1: "pole"})
+    assert shares == pytest.approx(
+        {
+            "predicted_share_road": 0.8,
+            "label_share_road": 0.6,
+            "predicted_share_pole": 0.2,
+            "label_share_pole": 0.4,
+        }
+    )
+    empty = class_pixel_shares(torch.zeros(2, 2, dtype=torch.long))
+    assert all(math.isnan(value) for value in empty.values()) and "predicted_share_1" in empty
