@@ -533,6 +533,7 @@ def run_experiment(
                 key: getattr(training_args, key)
                 for key in (
                     "cps_weight",
+                    "cps_weight_warmup_steps",
                     "cutmix",
                     "supervised_only",
                     "supervised_loss",

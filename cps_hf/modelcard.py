@@ -455,7 +455,12 @@ def recipe_rows(
         rows.append((key.replace("_", " "), text))
 
     if not supervised_only and "cps_weight" in training:
-        rows.append(("CPS weight λ", f"{training['cps_weight']:g}"))
+        weight_text = f"{training['cps_weight']:g}"
+        if training.get("cps_weight_warmup_steps"):
+            weight_text += (
+                f" (ramped up linearly from 0 over the first {training['cps_weight_warmup_steps']} steps)"
+            )
+        rows.append(("CPS weight λ", weight_text))
     if not supervised_only:
         rows.append(("CutMix", "yes" if training.get("cutmix") else "no"))
         if training.get("cutmix") and training.get("pseudo_label_mode"):

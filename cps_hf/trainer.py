@@ -48,6 +48,10 @@ class CPSTrainingArguments(TrainingArguments):
         cutmix (`bool`, *optional*, defaults to `False`):
             CutMix variant: pseudo-labels made on two unlabelled images and mixed with a box mask, students see the
             mixed image. Otherwise the plain variant: CPS over labelled + unlabelled images.
+        cps_weight_warmup_steps (`int`, *optional*, defaults to 0):
+            Ramp λ linearly from 0 to `cps_weight` over this many optimizer steps (0: constant λ, as the paper).
+            From a weak supervised start (training from scratch), early pseudo-labels are mostly wrong and CPS
+            reinforces them; the warm-up lets the supervised term lead first.
         supervised_only (`bool`, *optional*, defaults to `False`):
             The paper's baseline through the same code path: labelled images only, no CPS term (λ = 0).
         supervised_loss (`str`, *optional*, defaults to `"ce"`):
@@ -67,6 +71,10 @@ class CPSTrainingArguments(TrainingArguments):
 
     cps_weight: float = field(
         default=1.5, metadata={"help": "λ: weight of the CPS loss (loss = L_sup + λ·L_cps)."}
+    )
+    cps_weight_warmup_steps: int = field(
+        default=0,
+        metadata={"help": "Ramp λ linearly from 0 over this many steps (0: constant, as the paper)."},
     )
     cutmix: bool = field(default=False, metadata={"help": "Use the CutMix variant of CPS."})
     supervised_only: bool = field(
@@ -110,6 +118,8 @@ class CPSTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.cps_weight_warmup_steps < 0:
+            raise ValueError(f"`cps_weight_warmup_steps` must be >= 0, got {self.cps_weight_warmup_steps}.")
         if self.supervised_loss not in SUPERVISED_LOSSES:
             raise ValueError(
                 f"`supervised_loss` must be one of {SUPERVISED_LOSSES}, got {self.supervised_loss!r}."
@@ -395,12 +405,19 @@ class CPSTrainer(Trainer):
         loss = torch.stack(supervised_terms).sum()
         loss_terms = {f"loss_supervised_branch_{i}": term.detach() for i, term in enumerate(supervised_terms)}
         if cps_loss is not None:
-            loss = loss + self.args.cps_weight * cps_loss
+            loss = loss + self.current_cps_weight() * cps_loss
             loss_terms["loss_cps"] = cps_loss.detach()
         outputs = CPSSemanticSegmenterOutput(
             loss=loss, logits=labeled_logits[0], branch_logits=labeled_logits
         )
         return loss, loss_terms, outputs
+
+    def current_cps_weight(self) -> float:
+        """λ for the optimizer step in progress: `cps_weight`, ramped up linearly over `cps_weight_warmup_steps`."""
+        warmup_steps = self.args.cps_weight_warmup_steps
+        if warmup_steps == 0:
+            return self.args.cps_weight
+        return self.args.cps_weight * min(1.0, self.state.global_step / warmup_steps)
 
     @contextlib.contextmanager
     def _teacher_mode(self, model: nn.Module) -> Iterator[None]:

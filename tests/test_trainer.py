@@ -451,3 +451,26 @@ def test_training_drops_the_last_partial_batch_and_evaluation_keeps_every_image(
     )
     with pytest.raises(ValueError, match="smaller than one batch of 13"):
         too_large.get_train_dataloader()
+
+
+def test_cps_weight_warmup_ramps_lambda_linearly(tmp_path, synthetic_splits):
+    trainer = CPSTrainer(
+        model=small_model(),
+        args=training_arguments(tmp_path, cps_weight=1.5, cps_weight_warmup_steps=4),
+        train_dataset=paired_dataset(synthetic_splits),
+        data_collator=collate_semi_supervised,
+    )
+    weights = []
+    for step in (0, 1, 2, 4, 9):
+        trainer.state.global_step = step
+        weights.append(trainer.current_cps_weight())
+    assert weights == pytest.approx([0.0, 0.375, 0.75, 1.5, 1.5])
+
+    # At the first step the CPS term is weighted 0: the loss is the supervised terms alone.
+    trainer.state.global_step = 0
+    batch = collate_semi_supervised([trainer.train_dataset[index] for index in range(2)])
+    loss, terms, _ = trainer.cps_step_loss(trainer.model.train(), batch)
+    assert terms["loss_cps"] > 0
+    torch.testing.assert_close(loss, terms["loss_supervised_branch_0"] + terms["loss_supervised_branch_1"])
+    with pytest.raises(ValueError, match="cps_weight_warmup_steps"):
+        training_arguments(tmp_path, cps_weight_warmup_steps=-1)
