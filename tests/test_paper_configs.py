@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from cps_hf.experiment import parse_experiment_arguments, run_experiment
-from cps_hf.synthetic import make_synthetic_segmentation_dataset
+from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO_ROOT / "scripts" / "configs"
@@ -195,6 +195,8 @@ def test_paper_config_runs_end_to_end_on_a_stand_in(tmp_path, stand_in_dataset, 
     argv = [
         str(CONFIG_ROOT / f"{config}.yaml"),
         *("--dataset_name", str(dataset_dir), "--labeled_ids_file", str(labeled_list)),
+        # The stand-in names its own classes; the config's 19/21 would (rightly) be refused as a mismatch.
+        *("--num_labels", str(len(SYNTHETIC_CLASS_NAMES))),
         *("--backbone", "test_resnet", "--pretrained_backbone", "false", "--multi_grid", "0"),
         *("--crop_size", "32", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0"),
         *("--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"),
