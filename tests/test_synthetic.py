@@ -102,7 +102,7 @@ def test_default_size_generates_quickly(tmp_path: Path) -> None:
     dataset = make_synthetic_segmentation_dataset(cache_dir=str(tmp_path))
     elapsed = time.perf_counter() - start
     assert {split: len(dataset[split]) for split in dataset} == {"train": 512, "validation": 128}
-    # About 4 s on the 2-core development machine when idle; the bound leaves room for a loaded CI machine.
+    # A few seconds on an idle 2-core machine; the bound leaves room for a loaded CI machine.
     assert elapsed < 30.0
     start = time.perf_counter()
     make_synthetic_segmentation_dataset(cache_dir=str(tmp_path))
