@@ -30,6 +30,7 @@ from .configuration_cps import CPSConfig
 from .losses import cross_pseudo_supervision_loss, supervised_cross_entropy
 from .masking import generate_cutmix_masks, mix_with_mask
 from .modeling_cps import CPSForSemanticSegmentation
+from .trainer import check_cutmix_inputs, cutmix_forward
 
 logger = logging.get_logger(__name__)
 
@@ -42,7 +43,6 @@ CUTMIX_BATCH_KEYS = (
     "mix_unlabeled_pixel_values",
     "cutmix_masks",
 )
-IMAGE_KEYS = ("unlabeled_pixel_values", "mix_unlabeled_pixel_values", "pixel_values")
 
 
 @dataclass
@@ -60,12 +60,6 @@ class CutMixStepOutput:
     loss: Tensor
     supervised_loss: Tensor
     cps_loss: Tensor
-
-
-def _check_cutmix_batch(batch: Mapping[str, Tensor]) -> None:
-    missing = [key for key in CUTMIX_BATCH_KEYS if key not in batch]
-    if missing:
-        raise ValueError(f"A CutMix CPS batch needs the keys {list(CUTMIX_BATCH_KEYS)}; missing {missing}.")
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -119,7 +113,7 @@ def reference_cutmix_step(
     Returns:
         [`CutMixStepOutput`]: the detached loss terms.
     """
-    _check_cutmix_batch(batch)
+    check_cutmix_inputs(batch)
     source_images, partner_images = batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"]
     masks = batch["cutmix_masks"]
     num_branches = len(model.branches)
@@ -182,9 +176,9 @@ def fast_cutmix_step(
 ) -> CutMixStepOutput:
     """
     One CutMix CPS training step that learns what [`reference_cutmix_step`] learns, with fewer and cheaper calls:
-    every model call runs all branches (as [`~cps_hf.trainer.CPSTrainer`] does: two no-grad teacher calls, one
-    student call, one labelled call, so each branch's BatchNorm sees exactly the batches of the official step, in
-    the same order), optional bfloat16 autocast, channels-last inputs, losses in fp32, no host synchronisation and
+    the forward passes of [`~cps_hf.trainer.CPSTrainer`] ([`~cps_hf.trainer.cutmix_forward`]: every model call runs
+    all branches, two no-grad teacher calls, one student call, one labelled call, so each branch's BatchNorm sees
+    exactly the batches of the official step, in the same order), optional bfloat16 autocast, channels-last inputs, losses in fp32, no host synchronisation and
     `zero_grad(set_to_none=True)`. In fp32 without `merge_teacher_batches` the loss and the updated weights equal
     the reference step's up to floating-point reassociation.
 
@@ -205,56 +199,33 @@ def fast_cutmix_step(
             statistics over `2 * batch` images instead of `batch`, and updates its running statistics once with
             them instead of twice. Off by default until shown to leave accuracy unchanged; the difference vanishes
             when `u0` and `u1` hold the same images.
-        channels_last (`bool`, *optional*, defaults to `True`):
-            Feed the images in `torch.channels_last` layout (layout only, same values).
+        channels_last (`bool`, *optional*, defaults to `False`):
+            Feed all images in `torch.channels_last` layout (layout only, same values).
+        teacher_channels_last (`bool`, *optional*, defaults to `True`):
+            Feed the no-grad teacher passes' images in `torch.channels_last` layout.
 
     Returns:
         [`CutMixStepOutput`]: the detached loss terms (not read back to the host).
     """
-    _check_cutmix_batch(batch)
     _check_dtype(dtype)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    teacher_format = (
-        torch.channels_last if teacher_channels_last or channels_last else torch.contiguous_format
-    )
-    source_images, partner_images, labeled_images = (
-        batch[key].contiguous(memory_format=memory_format) for key in IMAGE_KEYS
-    )
-    masks = batch["cutmix_masks"]
     autocast = torch.autocast(
-        device_type=source_images.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16
+        device_type=batch["pixel_values"].device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16
     )
-
-    with torch.no_grad(), autocast:
-        if merge_teacher_batches:
-            both_images = torch.cat([source_images, partner_images]).contiguous(memory_format=teacher_format)
-            teacher_logits = model(pixel_values=both_images, output_branch_logits=True, return_dict=True)
-            logit_pairs = [logits.chunk(2) for logits in teacher_logits.branch_logits]
-        else:
-            source_logits, partner_logits = (
-                model(
-                    pixel_values=images.contiguous(memory_format=teacher_format),
-                    output_branch_logits=True,
-                    return_dict=True,
-                ).branch_logits
-                for images in (source_images, partner_images)
-            )
-            logit_pairs = list(zip(source_logits, partner_logits))
-        pseudo_labels = [
-            mix_with_mask(source, partner, masks).argmax(dim=1) for source, partner in logit_pairs
-        ]
-
-    mixed_images = mix_with_mask(source_images, partner_images, masks).contiguous(memory_format=memory_format)
     with autocast:
-        student_logits = model(pixel_values=mixed_images, output_branch_logits=True, return_dict=True)
-        labeled_logits = model(pixel_values=labeled_images, output_branch_logits=True, return_dict=True)
+        forward = cutmix_forward(
+            model,
+            batch,
+            merge_teacher_batches=merge_teacher_batches,
+            memory_format=torch.channels_last if channels_last else None,
+            teacher_memory_format=torch.channels_last if channels_last or teacher_channels_last else None,
+        )
     # Losses in fp32 whatever the forward dtype: log-softmax over bf16 logits loses the small probabilities.
     loss, supervised, cps = _step_losses(
         model,
-        [logits.float() for logits in labeled_logits.branch_logits],
+        [logits.float() for logits in forward.labeled_logits],
         batch["labels"],
-        [logits.float() for logits in student_logits.branch_logits],
-        pseudo_labels,
+        [logits.float() for logits in forward.student_logits],
+        forward.pseudo_labels,
         cps_weight,
     )
     loss.backward()
@@ -345,6 +316,11 @@ class _StepTimer:
         _synchronize(self.device)
         return time.perf_counter() - start
 
+    def run(self, steps: int, warmup: int) -> list[float]:
+        """Runs `warmup` untimed and `steps` timed steps; returns the timed steps' seconds."""
+        _check_step_counts(steps, warmup)
+        return [self.step() for _ in range(warmup + steps)][warmup:]
+
     def summary(self, timings: list[float]) -> dict[str, Any]:
         median = statistics.median(timings)
         result: dict[str, Any] = {
@@ -401,10 +377,8 @@ def benchmark_steps(
         `images_per_second` (per median step), `peak_memory_bytes`, `peak_memory_kind` and, off CUDA,
         `rss_before_steps_bytes`.
     """
-    _check_step_counts(steps, warmup)
     timer = _StepTimer(step_fn, make_batch)
-    timings = [timer.step() for _ in range(warmup + steps)][warmup:]
-    return timer.summary(timings)
+    return timer.summary(timer.run(steps, warmup))
 
 
 @dataclass
@@ -569,10 +543,8 @@ def run_step_benchmark(args: BenchmarkArguments, mode: str) -> dict[str, Any]:
         `dict`: [`benchmark_steps`]'s result plus `initial_weights_checksum`, `final_loss`, `num_threads` and
         `device_name`.
     """
-    _check_step_counts(args.steps, args.warmup)
     timer, facts, outputs = _build_step(args, mode)
-    timings = [timer.step() for _ in range(args.warmup + args.steps)][args.warmup :]
-    return _finish(timer, facts, outputs, timings)
+    return _finish(timer, facts, outputs, timer.run(args.steps, args.warmup))
 
 
 def _step_worker(connection: Any, args: BenchmarkArguments, mode: str) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import math
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,113 @@ logger = logging.get_logger(__name__)
 
 PSEUDO_LABEL_MODES = ("train", "eval")
 SUPERVISED_LOSSES = ("ce", "ohem")
+
+
+CUTMIX_INPUT_KEYS = ("pixel_values", "unlabeled_pixel_values", "mix_unlabeled_pixel_values", "cutmix_masks")
+
+
+@dataclass
+class CutMixForwardOutput:
+    """
+    The branch outputs of one CutMix CPS step, one tensor per branch in each list.
+
+    Args:
+        labeled_logits (`list[torch.Tensor]`): logits `(batch, num_labels, height, width)` of the labelled images.
+        student_logits (`list[torch.Tensor]`): logits of the mixed unlabelled images.
+        pseudo_labels (`list[torch.Tensor]`): argmax `(batch, height, width)` of each branch's box-mixed teacher
+            logits (no gradient).
+    """
+
+    labeled_logits: list[torch.Tensor]
+    student_logits: list[torch.Tensor]
+    pseudo_labels: list[torch.Tensor]
+
+
+def check_cutmix_inputs(inputs: Mapping[str, torch.Tensor]) -> None:
+    """Raises `ValueError` naming the keys a CutMix CPS batch lacks."""
+    missing = sorted(set(CUTMIX_INPUT_KEYS) - inputs.keys())
+    if missing:
+        raise ValueError(f"CutMix CPS batches need {missing}; build the dataset with `cutmix=True`.")
+
+
+@contextlib.contextmanager
+def teacher_mode(model: nn.Module, pseudo_label_mode: str) -> Iterator[None]:
+    """BatchNorm mode of the no-grad teacher passes: unchanged (`"train"`) or running statistics (`"eval"`)."""
+    if pseudo_label_mode == "train":
+        yield
+        return
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train()
+
+
+def _laid_out(images: torch.Tensor, memory_format: torch.memory_format | None) -> torch.Tensor:
+    return images if memory_format is None else images.contiguous(memory_format=memory_format)
+
+
+def cutmix_forward(
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    pseudo_label_mode: str = "train",
+    merge_teacher_batches: bool = False,
+    memory_format: torch.memory_format | None = None,
+    teacher_memory_format: torch.memory_format | None = None,
+) -> CutMixForwardOutput:
+    """
+    The forward passes of one CutMix CPS step, in the official order, each model call running every branch:
+    no-grad teacher passes on the two unlabelled batches `u0` and `u1`, pseudo-labels from the box-mixed teacher
+    logits, then the students on the mixed images `u0 * (1 - m) + u1 * m`, then the labelled images. Used by
+    [`CPSTrainer`] and by the benchmark's fast step, so both run the same computation.
+
+    Args:
+        model (`nn.Module`):
+            The (possibly DDP-wrapped) model, in training mode.
+        inputs (`Mapping[str, torch.Tensor]`):
+            `pixel_values`, `unlabeled_pixel_values`, `mix_unlabeled_pixel_values` and `cutmix_masks`.
+        pseudo_label_mode (`str`, *optional*, defaults to `"train"`):
+            BatchNorm mode of the teacher passes (see [`teacher_mode`]). With `"eval"` the running statistics
+            normalise every image on its own, so `u0` and `u1` go through one call with the same outputs.
+        merge_teacher_batches (`bool`, *optional*, defaults to `False`):
+            One teacher call on `u0` and `u1` also in `"train"` mode. Not the paper's step: train-mode BatchNorm
+            then normalises with statistics over both batches.
+        memory_format (`torch.memory_format`, *optional*):
+            Layout of the student and labelled inputs (default: as given).
+        teacher_memory_format (`torch.memory_format`, *optional*):
+            Layout of the teacher inputs (default: as given).
+
+    Returns:
+        [`CutMixForwardOutput`]
+    """
+    check_cutmix_inputs(inputs)
+    source_images, partner_images = inputs["unlabeled_pixel_values"], inputs["mix_unlabeled_pixel_values"]
+    masks = inputs["cutmix_masks"]
+    with torch.no_grad(), teacher_mode(model, pseudo_label_mode):
+        if merge_teacher_batches or pseudo_label_mode == "eval":
+            both_images = _laid_out(torch.cat([source_images, partner_images]), teacher_memory_format)
+            merged = model(pixel_values=both_images, output_branch_logits=True).branch_logits
+            teacher_pairs = [logits.chunk(2) for logits in merged]
+        else:
+            # Train-mode BN normalises with batch statistics: keep the paper's two separate batches.
+            source_logits, partner_logits = (
+                model(
+                    pixel_values=_laid_out(images, teacher_memory_format), output_branch_logits=True
+                ).branch_logits
+                for images in (source_images, partner_images)
+            )
+            teacher_pairs = list(zip(source_logits, partner_logits))
+        pseudo_labels = [
+            mix_with_mask(source, partner, masks).argmax(dim=1) for source, partner in teacher_pairs
+        ]
+    mixed_images = _laid_out(mix_with_mask(source_images, partner_images, masks), memory_format)
+    student_logits = model(pixel_values=mixed_images, output_branch_logits=True).branch_logits
+    labeled_images = _laid_out(inputs["pixel_values"], memory_format)
+    labeled_logits = model(pixel_values=labeled_images, output_branch_logits=True).branch_logits
+    return CutMixForwardOutput(
+        labeled_logits=list(labeled_logits), student_logits=list(student_logits), pseudo_labels=pseudo_labels
+    )
 
 
 @dataclass
@@ -353,38 +460,9 @@ class CPSTrainer(Trainer):
                 pixel_values=inputs["pixel_values"], output_branch_logits=True
             ).branch_logits
         elif self.args.cutmix:
-            missing = {"unlabeled_pixel_values", "mix_unlabeled_pixel_values", "cutmix_masks"} - inputs.keys()
-            if missing:
-                raise ValueError(
-                    f"CutMix CPS batches need {sorted(missing)}; build the dataset with `cutmix=True`."
-                )
-            source_images = inputs["unlabeled_pixel_values"]
-            partner_images = inputs["mix_unlabeled_pixel_values"]
-            with torch.no_grad(), self._teacher_mode(model):
-                if self.args.pseudo_label_mode == "eval":
-                    # Running BN statistics normalise every image on its own: one call on both batches gives the
-                    # same per-image outputs as two.
-                    merged = model(
-                        pixel_values=torch.cat([source_images, partner_images]), output_branch_logits=True
-                    )
-                    teacher_pairs = [logits.chunk(2) for logits in merged.branch_logits]
-                else:
-                    # Train-mode BN normalises with batch statistics: keep the paper's two separate batches.
-                    source_logits = model(pixel_values=source_images, output_branch_logits=True).branch_logits
-                    partner_logits = model(
-                        pixel_values=partner_images, output_branch_logits=True
-                    ).branch_logits
-                    teacher_pairs = list(zip(source_logits, partner_logits))
-            masks = inputs["cutmix_masks"]
-            pseudo_labels = [
-                mix_with_mask(source, partner, masks).argmax(dim=1) for source, partner in teacher_pairs
-            ]
-            mixed_images = mix_with_mask(source_images, partner_images, masks)
-            student_logits = model(pixel_values=mixed_images, output_branch_logits=True).branch_logits
-            cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels)
-            labeled_logits = model(
-                pixel_values=inputs["pixel_values"], output_branch_logits=True
-            ).branch_logits
+            forward = cutmix_forward(model, inputs, pseudo_label_mode=self.args.pseudo_label_mode)
+            cps_loss = cross_pseudo_supervision_loss(forward.student_logits, forward.pseudo_labels)
+            labeled_logits = forward.labeled_logits
         else:
             if "unlabeled_pixel_values" not in inputs:
                 raise ValueError(
@@ -419,17 +497,6 @@ class CPSTrainer(Trainer):
             return self.args.cps_weight
         return self.args.cps_weight * min(1.0, self.state.global_step / warmup_steps)
 
-    @contextlib.contextmanager
-    def _teacher_mode(self, model: nn.Module) -> Iterator[None]:
-        if self.args.pseudo_label_mode == "train":
-            yield
-            return
-        model.eval()
-        try:
-            yield
-        finally:
-            model.train()
-
     def _accumulate_loss_terms(self, loss_terms: dict[str, torch.Tensor]) -> None:
         for name, value in loss_terms.items():
             self._loss_term_sums[name] = self._loss_term_sums.get(name, 0.0) + value.float()
@@ -463,4 +530,12 @@ def predictions_from_logits(logits: Any, labels: torch.Tensor) -> torch.Tensor:
     return logits.argmax(dim=1)
 
 
-__all__ = ["CPSTrainer", "CPSTrainingArguments", "predictions_from_logits"]
+__all__ = [
+    "CPSTrainer",
+    "CPSTrainingArguments",
+    "CutMixForwardOutput",
+    "check_cutmix_inputs",
+    "cutmix_forward",
+    "predictions_from_logits",
+    "teacher_mode",
+]
