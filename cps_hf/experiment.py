@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,7 +129,10 @@ class DataArguments:
     num_labels: int | None = field(
         default=None, metadata={"help": "Number of classes when no names are given."}
     )
-    crop_size: int = field(default=512, metadata={"help": "Training crop size (square)."})
+    crop_size: list[int] = field(
+        default_factory=lambda: [512],
+        metadata={"help": "Training crop: one value (square) or `height width` (e.g. whole non-square frames)."},
+    )
     scales: list[float] = field(
         default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 1.75, 2.0], metadata={"help": "Random scale factors."}
     )
@@ -153,6 +157,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        self.crop_size = crop_size_pair(self.crop_size)
         if self.eval_split is not None and self.eval_split.lower() in ("", "none", "null"):
             self.eval_split = None
         chosen = [self.labeled_ids_file, self.labeled_fraction, self.labeled_count]
@@ -161,6 +166,18 @@ class DataArguments:
                 "Choose the labelled subset with exactly one of --labeled_ids_file, --labeled_fraction, "
                 f"--labeled_count (got {chosen})."
             )
+
+
+def crop_size_pair(crop_size: int | Sequence[int]) -> list[int]:
+    """`[height, width]` from one size (a square, as an int or a one-element list) or a `height width` pair.
+
+    Raises:
+        ValueError: for anything else, or a size below 1.
+    """
+    sizes = [crop_size] if isinstance(crop_size, int) else list(crop_size)
+    if len(sizes) not in (1, 2) or not all(isinstance(size, int) and size >= 1 for size in sizes):
+        raise ValueError(f"`crop_size` must be one positive size or a `height width` pair, got {crop_size!r}.")
+    return sizes * 2 if len(sizes) == 1 else sizes
 
 
 def parse_experiment_arguments(

@@ -493,7 +493,7 @@ def recipe_rows(
     if "crop_size" in data:
         scales = ", ".join(f"{scale:g}" for scale in data.get("scales", []))
         rows.append(
-            ("crop", f"{data['crop_size']}×{data['crop_size']}, random scales {scales}, horizontal flip")
+            ("crop", f"{_size_text(data['crop_size'])}, random scales {scales}, horizontal flip")
         )
     if "learning_rate" in training:
         schedule = training.get("lr_scheduler_type")
