@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +131,9 @@ class DataArguments:
     )
     crop_size: list[int] = field(
         default_factory=lambda: [512],
-        metadata={"help": "Training crop: one value (square) or `height width` (e.g. whole non-square frames)."},
+        metadata={
+            "help": "Training crop: one value (square) or `height width` (e.g. whole non-square frames)."
+        },
     )
     scales: list[float] = field(
         default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 1.75, 2.0], metadata={"help": "Random scale factors."}
@@ -176,7 +178,9 @@ def crop_size_pair(crop_size: int | Sequence[int]) -> list[int]:
     """
     sizes = [crop_size] if isinstance(crop_size, int) else list(crop_size)
     if len(sizes) not in (1, 2) or not all(isinstance(size, int) and size >= 1 for size in sizes):
-        raise ValueError(f"`crop_size` must be one positive size or a `height width` pair, got {crop_size!r}.")
+        raise ValueError(
+            f"`crop_size` must be one positive size or a `height width` pair, got {crop_size!r}."
+        )
     return sizes * 2 if len(sizes) == 1 else sizes
 
 

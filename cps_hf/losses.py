@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "PSEUDO_LABEL_IGNORE_INDEX",
     "cross_pseudo_supervision_loss",
+    "kept_pseudo_label_fraction",
     "ohem_cross_entropy",
     "pseudo_labels_from_logits",
     "supervised_cross_entropy",
-    "total_cps_loss",
 ]
 
 
@@ -134,34 +135,55 @@ def ohem_cross_entropy(
     return _masked_mean_cross_entropy(logits, ohem_labels, ignore_index)
 
 
-def pseudo_labels_from_logits(logits: Tensor) -> Tensor:
+PSEUDO_LABEL_IGNORE_INDEX = -100
+"""Value of a pseudo-label pixel that takes no part in the CPS loss (below the confidence threshold). It is
+`F.nll_loss`'s default `ignore_index` and can never be a class index."""
+
+
+def pseudo_labels_from_logits(logits: Tensor, confidence_threshold: float = 0.0) -> Tensor:
     """Hard pseudo-labels (one-hot targets, stored as class indices) from a branch's logits.
 
     Args:
         logits (`torch.Tensor` of shape `(batch, num_labels, height, width)`):
             Unnormalised class scores.
+        confidence_threshold (`float`, *optional*, defaults to 0.0):
+            Pixels whose highest softmax probability is below this value get [`PSEUDO_LABEL_IGNORE_INDEX`] and are
+            left out of the CPS loss. 0 keeps every pixel: the paper's loss, which has no threshold.
 
     Returns:
-        `torch.LongTensor` of shape `(batch, height, width)`: the argmax class per pixel, detached from the graph.
+        `torch.LongTensor` of shape `(batch, height, width)`: the argmax class per pixel (or the ignore value),
+        detached from the graph.
     """
     if logits.ndim != 4:
         raise ValueError(
             f"`logits` must have shape (batch, num_labels, height, width), got {tuple(logits.shape)}."
         )
-    return logits.detach().argmax(dim=1)
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"`confidence_threshold` must lie in [0, 1], got {confidence_threshold}.")
+    logits = logits.detach()
+    if confidence_threshold == 0.0:
+        return logits.argmax(dim=1)
+    confidence, labels = logits.float().softmax(dim=1).max(dim=1)
+    return labels.masked_fill(confidence < confidence_threshold, PSEUDO_LABEL_IGNORE_INDEX)
+
+
+def kept_pseudo_label_fraction(pseudo_labels: Sequence[Tensor]) -> Tensor:
+    """Fraction of pseudo-label pixels that take part in the CPS loss (not [`PSEUDO_LABEL_IGNORE_INDEX`])."""
+    return torch.stack(
+        [(labels != PSEUDO_LABEL_IGNORE_INDEX).float().mean() for labels in pseudo_labels]
+    ).mean()
 
 
 def cross_pseudo_supervision_loss(
     branch_logits: Sequence[Tensor],
     pseudo_labels: Sequence[Tensor] | None = None,
-    valid_mask: Tensor | None = None,
 ) -> Tensor:
     """Cross pseudo supervision loss between `n >= 2` branches.
 
     Branch `i` is trained with cross-entropy on the hard pseudo-label of every other branch `j != i`; the
-    cross-entropies (each a mean over pixels) are summed over ordered pairs `(i, j)` and divided by `n - 1`.
-    For two branches this is exactly `CE(p1, argmax p2) + CE(p2, argmax p1)`, the form of the paper.
-    Pseudo-labels never carry gradients.
+    cross-entropies (each a mean over the pixels that are not ignored) are summed over ordered pairs `(i, j)` and
+    divided by `n - 1`. For two branches this is exactly `CE(p1, argmax p2) + CE(p2, argmax p1)`, the form of the
+    paper. Pseudo-labels never carry gradients.
 
     Args:
         branch_logits (`Sequence[torch.Tensor]`, each of shape `(batch, num_labels, height, width)`):
@@ -169,16 +191,16 @@ def cross_pseudo_supervision_loss(
         pseudo_labels (`Sequence[torch.Tensor]`, each of shape `(batch, height, width)`, *optional*):
             Precomputed pseudo-labels, one per branch; `pseudo_labels[j]` replaces `argmax(branch_logits[j])`.
             Needed for CutMix, where pseudo-labels come from the mixed logits of the unmixed images rather than
-            from the logits on the mixed image. Values must lie in `[0, num_labels)`.
-        valid_mask (`torch.BoolTensor` of shape `(batch, height, width)`, *optional*):
-            `True` where a pixel takes part in the loss (e.g. `False` on padding). By default every pixel does.
+            from the logits on the mixed image, and for a confidence threshold
+            ([`pseudo_labels_from_logits`]). Values lie in `[0, num_labels)` or are [`PSEUDO_LABEL_IGNORE_INDEX`].
 
     Returns:
-        `torch.Tensor`: scalar loss (a zero with a gradient when `valid_mask` excludes every pixel).
+        `torch.Tensor`: scalar loss. A pair whose pseudo-label ignores every pixel contributes a zero that still
+        carries a gradient.
 
     Raises:
         ValueError: for fewer than two branches or mismatched shapes.
-        TypeError: for non-integer pseudo-labels or a non-boolean `valid_mask`.
+        TypeError: for non-integer pseudo-labels.
     """
     num_branches = len(branch_logits)
     if num_branches < 2:
@@ -212,17 +234,6 @@ def cross_pseudo_supervision_loss(
                 )
         targets = [labels.detach().long() for labels in pseudo_labels]
 
-    if valid_mask is None:
-        num_valid = None
-    else:
-        if tuple(valid_mask.shape) != label_shape:
-            raise ValueError(f"`valid_mask` has shape {tuple(valid_mask.shape)}, expected {label_shape}.")
-        if valid_mask.dtype != torch.bool:
-            raise TypeError(f"`valid_mask` must be a boolean tensor, got dtype {valid_mask.dtype}.")
-        # -100 cannot be a class index, so it marks excluded pixels for nll_loss.
-        targets = [torch.where(valid_mask, target, torch.full_like(target, -100)) for target in targets]
-        num_valid = valid_mask.sum().clamp_min(1)
-
     # One log-softmax per branch, reused for its n - 1 targets.
     branch_log_probs = [F.log_softmax(logits, dim=1) for logits in branch_logits]
     pair_losses = []
@@ -230,27 +241,9 @@ def cross_pseudo_supervision_loss(
         for j, target in enumerate(targets):
             if i == j:
                 continue
-            if num_valid is None:
-                pair_losses.append(F.nll_loss(log_probs, target))
-            else:
-                pair_losses.append(
-                    F.nll_loss(log_probs, target, ignore_index=-100, reduction="sum") / num_valid
-                )
+            # The mean over kept pixels is 0/0 when a threshold keeps none; `where` selects a zero then (its
+            # gradient is zero too) without a host-side check.
+            pair_loss = F.nll_loss(log_probs, target, ignore_index=PSEUDO_LABEL_IGNORE_INDEX)
+            any_kept = (target != PSEUDO_LABEL_IGNORE_INDEX).any()
+            pair_losses.append(torch.where(any_kept, pair_loss, torch.zeros_like(pair_loss)))
     return torch.stack(pair_losses).sum() / (num_branches - 1)
-
-
-def total_cps_loss(supervised: Tensor, cps: Tensor, cps_weight: float) -> Tensor:
-    """Total CPS training objective `supervised + cps_weight * cps`.
-
-    Args:
-        supervised (`torch.Tensor`):
-            Supervised loss, summed over branches (e.g. `CE(p1_l, y) + CE(p2_l, y)`).
-        cps (`torch.Tensor`):
-            Cross pseudo supervision loss from [`cross_pseudo_supervision_loss`].
-        cps_weight (`float`):
-            Weight λ of the CPS term.
-
-    Returns:
-        `torch.Tensor`: the weighted sum.
-    """
-    return supervised + cps_weight * cps

@@ -20,7 +20,13 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .checkpointing import STAGING_DIR_NAME, publish_checkpoint
-from .losses import cross_pseudo_supervision_loss, ohem_cross_entropy, supervised_cross_entropy
+from .losses import (
+    cross_pseudo_supervision_loss,
+    kept_pseudo_label_fraction,
+    ohem_cross_entropy,
+    pseudo_labels_from_logits,
+    supervised_cross_entropy,
+)
 from .masking import mix_with_mask
 from .metrics import make_compute_metrics
 from .modeling_cps import CPSSemanticSegmenterOutput
@@ -43,7 +49,7 @@ class CutMixForwardOutput:
         labeled_logits (`list[torch.Tensor]`): logits `(batch, num_labels, height, width)` of the labelled images.
         student_logits (`list[torch.Tensor]`): logits of the mixed unlabelled images.
         pseudo_labels (`list[torch.Tensor]`): argmax `(batch, height, width)` of each branch's box-mixed teacher
-            logits (no gradient).
+            logits (no gradient); pixels below the confidence threshold hold `PSEUDO_LABEL_IGNORE_INDEX`.
     """
 
     labeled_logits: list[torch.Tensor]
@@ -80,6 +86,7 @@ def cutmix_forward(
     inputs: Mapping[str, torch.Tensor],
     *,
     pseudo_label_mode: str = "train",
+    confidence_threshold: float = 0.0,
     merge_teacher_batches: bool = False,
     memory_format: torch.memory_format | None = None,
     teacher_memory_format: torch.memory_format | None = None,
@@ -98,6 +105,9 @@ def cutmix_forward(
         pseudo_label_mode (`str`, *optional*, defaults to `"train"`):
             BatchNorm mode of the teacher passes (see [`teacher_mode`]). With `"eval"` the running statistics
             normalise every image on its own, so `u0` and `u1` go through one call with the same outputs.
+        confidence_threshold (`float`, *optional*, defaults to 0.0):
+            Pseudo-label pixels whose mixed teacher confidence is below this are ignored (see
+            [`~cps_hf.losses.pseudo_labels_from_logits`]); 0 is the paper.
         merge_teacher_batches (`bool`, *optional*, defaults to `False`):
             One teacher call on `u0` and `u1` also in `"train"` mode. Not the paper's step: train-mode BatchNorm
             then normalises with statistics over both batches.
@@ -127,7 +137,8 @@ def cutmix_forward(
             )
             teacher_pairs = list(zip(source_logits, partner_logits))
         pseudo_labels = [
-            mix_with_mask(source, partner, masks).argmax(dim=1) for source, partner in teacher_pairs
+            pseudo_labels_from_logits(mix_with_mask(source, partner, masks), confidence_threshold)
+            for source, partner in teacher_pairs
         ]
     mixed_images = _laid_out(mix_with_mask(source_images, partner_images, masks), memory_format)
     student_logits = model(pixel_values=mixed_images, output_branch_logits=True).branch_logits
@@ -170,6 +181,10 @@ class CPSTrainingArguments(TrainingArguments):
         pseudo_label_mode (`str`, *optional*, defaults to `"train"`):
             BatchNorm mode of the no-grad teacher passes that make CutMix pseudo-labels: `"train"` (official; batch
             statistics, running statistics updated) or `"eval"` (running statistics).
+        cps_confidence_threshold (`float`, *optional*, defaults to 0.0):
+            τ: pseudo-label pixels whose teacher confidence (highest softmax probability) is below τ are ignored in
+            L_cps, which averages over the kept pixels; the kept fraction is logged as `cps_pixels_kept`. 0 keeps
+            every pixel, as the paper (which has no threshold).
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Allow a new run to replace a final model already saved in `output_dir`, or to start afresh in an
             `output_dir` none of whose checkpoints is complete (complete checkpoints are resumed from, never
@@ -195,6 +210,12 @@ class CPSTrainingArguments(TrainingArguments):
     )
     pseudo_label_mode: str = field(
         default="train", metadata={"help": "BatchNorm mode of the CutMix teacher passes: 'train' or 'eval'."}
+    )
+    cps_confidence_threshold: float = field(
+        default=0.0,
+        metadata={
+            "help": "τ: ignore pseudo-label pixels whose teacher confidence is below τ (0: paper, none)."
+        },
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow replacing a trained model already saved in `output_dir`."}
@@ -235,6 +256,10 @@ class CPSTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`pseudo_label_mode` must be one of {PSEUDO_LABEL_MODES}, got {self.pseudo_label_mode!r}."
             )
+        if not 0.0 <= self.cps_confidence_threshold < 1.0:
+            raise ValueError(
+                f"`cps_confidence_threshold` must lie in [0, 1), got {self.cps_confidence_threshold}."
+            )
         if self.cps_weight < 0:
             raise ValueError(f"`cps_weight` must be >= 0, got {self.cps_weight}.")
         if self.supervised_only and self.cutmix:
@@ -273,7 +298,8 @@ class CPSTrainer(Trainer):
     Training batches come from [`~cps_hf.data.SemiSupervisedSegmentationDataset`]: `pixel_values` and `labels`
     (labelled), `unlabeled_pixel_values` and, for CutMix, `mix_unlabeled_pixel_values` and `cutmix_masks`.
     Evaluation batches (`pixel_values`, `labels`) go through the same `compute_loss` and are scored with a
-    streaming confusion matrix. Every loss term is logged: `loss_supervised_branch_<i>`, `loss_cps`.
+    streaming confusion matrix. Every loss term is logged: `loss_supervised_branch_<i>`, `loss_cps`, and
+    `cps_pixels_kept` (the fraction of pseudo-label pixels at or above the confidence threshold).
 
     The model is always called through its (possibly DDP-wrapped) `forward`, once per image batch with every
     branch, so distributed gradient synchronisation sees every pass.
@@ -460,8 +486,14 @@ class CPSTrainer(Trainer):
                 pixel_values=inputs["pixel_values"], output_branch_logits=True
             ).branch_logits
         elif self.args.cutmix:
-            forward = cutmix_forward(model, inputs, pseudo_label_mode=self.args.pseudo_label_mode)
-            cps_loss = cross_pseudo_supervision_loss(forward.student_logits, forward.pseudo_labels)
+            forward = cutmix_forward(
+                model,
+                inputs,
+                pseudo_label_mode=self.args.pseudo_label_mode,
+                confidence_threshold=self.args.cps_confidence_threshold,
+            )
+            pseudo_labels = forward.pseudo_labels
+            cps_loss = cross_pseudo_supervision_loss(forward.student_logits, pseudo_labels)
             labeled_logits = forward.labeled_logits
         else:
             if "unlabeled_pixel_values" not in inputs:
@@ -472,12 +504,14 @@ class CPSTrainer(Trainer):
                 pixel_values=inputs["pixel_values"], output_branch_logits=True
             ).branch_logits
             unlabeled_logits = model(pixel_values=inputs["unlabeled_pixel_values"], output_branch_logits=True)
-            cps_loss = cross_pseudo_supervision_loss(
-                [
-                    torch.cat([labeled, unlabeled], dim=0)
-                    for labeled, unlabeled in zip(labeled_logits, unlabeled_logits.branch_logits)
-                ]
-            )
+            all_logits = [
+                torch.cat([labeled, unlabeled], dim=0)
+                for labeled, unlabeled in zip(labeled_logits, unlabeled_logits.branch_logits)
+            ]
+            pseudo_labels = [
+                pseudo_labels_from_logits(logits, self.args.cps_confidence_threshold) for logits in all_logits
+            ]
+            cps_loss = cross_pseudo_supervision_loss(all_logits, pseudo_labels)
 
         supervised_terms = [self.supervised_loss(logits, labels) for logits in labeled_logits]
         loss = torch.stack(supervised_terms).sum()
@@ -485,6 +519,7 @@ class CPSTrainer(Trainer):
         if cps_loss is not None:
             loss = loss + self.current_cps_weight() * cps_loss
             loss_terms["loss_cps"] = cps_loss.detach()
+            loss_terms["cps_pixels_kept"] = kept_pseudo_label_fraction(pseudo_labels)
         outputs = CPSSemanticSegmenterOutput(
             loss=loss, logits=labeled_logits[0], branch_logits=labeled_logits
         )

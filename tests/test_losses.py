@@ -2,13 +2,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cps_hf.losses import (
+    PSEUDO_LABEL_IGNORE_INDEX,
     cross_pseudo_supervision_loss,
+    kept_pseudo_label_fraction,
     ohem_cross_entropy,
     pseudo_labels_from_logits,
     supervised_cross_entropy,
-    total_cps_loss,
 )
 
 
@@ -225,27 +227,53 @@ def test_cps_uses_precomputed_pseudo_labels():
     assert loss.item() != pytest.approx(cross_pseudo_supervision_loss([logits_1, logits_2]).item())
 
 
-def test_cps_valid_mask_excludes_pixels():
-    logits_1, logits_2 = random_branch_logits(2, seed=4)
-    valid_mask = torch.zeros(2, 3, 5, dtype=torch.bool)
-    valid_mask[:, :, :3] = True
-    loss = cross_pseudo_supervision_loss([logits_1, logits_2], valid_mask=valid_mask)
-    mask = valid_mask.double()
-    expected = manual_ce(logits_1, logits_2.argmax(1), mask) + manual_ce(logits_2, logits_1.argmax(1), mask)
-    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+def test_confidence_threshold_zero_is_exactly_the_papers_loss():
+    logits_1, logits_2 = (logits.float() for logits in random_branch_logits(2, seed=4))
+    thresholded = [
+        pseudo_labels_from_logits(logits, confidence_threshold=0.0) for logits in (logits_1, logits_2)
+    ]
+    loss = cross_pseudo_supervision_loss([logits_1, logits_2], thresholded)
+    paper = F.cross_entropy(logits_1, logits_2.argmax(1)) + F.cross_entropy(logits_2, logits_1.argmax(1))
+    assert torch.equal(loss, paper)
+    assert torch.equal(cross_pseudo_supervision_loss([logits_1, logits_2]), paper)
 
+
+def test_confidence_threshold_ignores_unconfident_pixels():
+    # Two classes; pixel confidences 0.5, 0.73, 0.88, 0.95 (softmax of logit gaps 0, 1, 2, 3).
+    gaps = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    teacher = torch.stack([gaps, torch.zeros(4, dtype=torch.float64)]).reshape(1, 2, 1, 4)
+    pseudo_labels = pseudo_labels_from_logits(teacher, confidence_threshold=0.8)
+    assert pseudo_labels.tolist() == [[[PSEUDO_LABEL_IGNORE_INDEX, PSEUDO_LABEL_IGNORE_INDEX, 0, 0]]]
+    assert kept_pseudo_label_fraction([pseudo_labels]).item() == 0.5
+
+    logits_1, logits_2 = (
+        torch.randn(1, 2, 1, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        for seed in (5, 6)
+    )
+    loss = cross_pseudo_supervision_loss([logits_1, logits_2], [pseudo_labels, pseudo_labels])
+    kept = torch.tensor([[[0.0, 0.0, 1.0, 1.0]]], dtype=torch.float64)
+    zeros = torch.zeros(1, 1, 4, dtype=torch.long)
+    # CE averaged over the kept pixels only; the ignored pixels' logits do not matter.
+    expected = manual_ce(logits_1, zeros, kept) + manual_ce(logits_2, zeros, kept)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     changed_1 = logits_1.clone()
-    changed_1[:, :, :, 3:] = 100 * torch.randn(2, 4, 3, 2, dtype=torch.float64)
-    changed_loss = cross_pseudo_supervision_loss([changed_1, logits_2], valid_mask=valid_mask)
+    changed_1[..., :2] = 50.0
+    changed_loss = cross_pseudo_supervision_loss([changed_1, logits_2], [pseudo_labels, pseudo_labels])
     assert changed_loss.item() == pytest.approx(loss.item(), rel=1e-12)
 
 
-def test_cps_empty_valid_mask_is_zero_with_gradient():
+def test_cps_with_every_pixel_ignored_is_zero_with_zero_gradient():
     branch_logits = [logits.requires_grad_(True) for logits in random_branch_logits(2)]
-    loss = cross_pseudo_supervision_loss(branch_logits, valid_mask=torch.zeros(2, 3, 5, dtype=torch.bool))
+    ignored = torch.full((2, 3, 5), PSEUDO_LABEL_IGNORE_INDEX)
+    loss = cross_pseudo_supervision_loss(branch_logits, [ignored, ignored])
     assert loss.item() == 0.0
     loss.backward()
     assert torch.equal(branch_logits[0].grad, torch.zeros_like(branch_logits[0]))
+
+
+def test_confidence_threshold_must_be_a_probability():
+    with pytest.raises(ValueError, match="confidence_threshold"):
+        pseudo_labels_from_logits(torch.randn(1, 2, 2, 2), confidence_threshold=1.5)
 
 
 def test_cps_rejects_bad_inputs():
@@ -260,10 +288,3 @@ def test_cps_rejects_bad_inputs():
         cross_pseudo_supervision_loss(
             [logits, logits], pseudo_labels=[logits.argmax(1), torch.zeros(2, 3, 4)]
         )
-    with pytest.raises(ValueError, match="valid_mask"):
-        cross_pseudo_supervision_loss([logits, logits], valid_mask=torch.ones(2, 3, 4, dtype=torch.bool))
-
-
-def test_total_cps_loss_weights_the_cps_term():
-    total = total_cps_loss(torch.tensor(0.5), torch.tensor(2.0), cps_weight=1.5)
-    assert total.item() == pytest.approx(0.5 + 1.5 * 2.0)

@@ -11,7 +11,12 @@ from torch import nn
 from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset, collate_semi_supervised
 from cps_hf.experiment import parse_experiment_arguments, run_experiment
-from cps_hf.losses import cross_pseudo_supervision_loss, supervised_cross_entropy
+from cps_hf.losses import (
+    cross_pseudo_supervision_loss,
+    kept_pseudo_label_fraction,
+    pseudo_labels_from_logits,
+    supervised_cross_entropy,
+)
 from cps_hf.masking import mix_with_mask
 from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.trainer import CPSTrainer, CPSTrainingArguments
@@ -81,6 +86,7 @@ def test_defaults_make_cps_work_out_of_the_box(tmp_path):
         ({"supervised_loss": "focal"}, "supervised_loss"),
         ({"pseudo_label_mode": "ema"}, "pseudo_label_mode"),
         ({"cps_weight": -1.0}, "cps_weight"),
+        ({"cps_confidence_threshold": 1.0}, "cps_confidence_threshold"),
         ({"supervised_only": True, "cutmix": True}, "exclude each other"),
     ],
 )
@@ -118,6 +124,34 @@ def test_plain_cps_loss_matches_hand_computation(tmp_path, synthetic_splits):
     cps = cross_pseudo_supervision_loss([torch.cat(pair) for pair in zip(labeled, unlabeled)])
     torch.testing.assert_close(loss, supervised + 1.5 * cps)
     torch.testing.assert_close(terms["loss_cps"], cps.detach())
+
+
+def test_cps_confidence_threshold_ignores_unconfident_pseudo_labels(tmp_path, synthetic_splits):
+    model = small_model().train()
+    batch = collate_semi_supervised([paired_dataset(synthetic_splits)[i] for i in range(2)])
+    with torch.no_grad():
+        joint = [
+            torch.cat(
+                [model.forward_branch(batch[key], i) for key in ("pixel_values", "unlabeled_pixel_values")]
+            )
+            for i in range(2)
+        ]
+    # τ at the median teacher confidence: about half the pixels are kept.
+    threshold = torch.cat([logits.softmax(1).amax(1).flatten() for logits in joint]).median().item()
+    args = training_arguments(tmp_path, cps_confidence_threshold=threshold)
+    trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits))
+    _, terms, _ = trainer.cps_step_loss(model, batch)
+    pseudo_labels = [pseudo_labels_from_logits(logits, threshold) for logits in joint]
+    torch.testing.assert_close(terms["loss_cps"], cross_pseudo_supervision_loss(joint, pseudo_labels))
+    torch.testing.assert_close(terms["cps_pixels_kept"], kept_pseudo_label_fraction(pseudo_labels))
+    assert 0.3 < terms["cps_pixels_kept"].item() < 0.7
+    assert not torch.allclose(terms["loss_cps"], cross_pseudo_supervision_loss(joint))
+
+    paper_trainer = CPSTrainer(
+        model=model, args=training_arguments(tmp_path), train_dataset=paired_dataset(synthetic_splits)
+    )
+    _, paper_terms, _ = paper_trainer.cps_step_loss(model, batch)
+    assert paper_terms["cps_pixels_kept"].item() == 1.0
 
 
 def test_n_cps_with_three_branches(tmp_path, synthetic_splits):
@@ -362,6 +396,24 @@ def test_config_file_with_cli_overrides(tmp_path, synthetic_cache):
     config.write_text("backbone: test_resnet\nnot_an_argument: 1\n")
     with pytest.raises(ValueError, match="not_an_argument"):
         parse_experiment_arguments([str(config)])
+
+
+def test_crop_size_is_one_size_or_a_height_width_pair(tmp_path, synthetic_cache):
+    config = tmp_path / "experiment.yaml"
+    for yaml_value, expected in (("24", [24, 24]), ("[24, 32]", [24, 32])):
+        config.write_text(f"labeled_fraction: 0.5\ncrop_size: {yaml_value}\n")
+        assert parse_experiment_arguments([str(config)])[1].crop_size == expected
+    assert parse_experiment_arguments([str(config), "--crop_size", "16", "40"])[1].crop_size == [16, 40]
+    for bad in (["--crop_size", "0"], ["--crop_size", "8", "8", "8"]):
+        with pytest.raises(ValueError, match="crop_size"):
+            parse_experiment_arguments([str(config), *bad])
+
+    # Whole non-square frames: the synthetic 32x32 images trained as 24x32 crops (height x width).
+    output_dir = tmp_path / "run"
+    argv = experiment_argv(output_dir, synthetic_cache, "--crop_size", "24", "32", "--max_steps", "1")
+    run_experiment(*parse_experiment_arguments(argv)[:3])
+    assert json.loads((output_dir / "cps_recipe.json").read_text())["data"]["crop_size"] == [24, 32]
+    assert "24×32" in (output_dir / "README.md").read_text()
 
 
 def final_weights(output_dir: Path) -> dict[str, torch.Tensor]:
