@@ -176,16 +176,26 @@ def export_model(
         program.save(output, external_data=False)
     else:
         torch.export.save(
-            export_program(model, module.branch), output, extra_files={METADATA_FILE_NAME: json.dumps(metadata)}
+            export_program(model, module.branch),
+            output,
+            extra_files={METADATA_FILE_NAME: json.dumps(metadata)},
         )
-    logger.info(f"Exported {metadata['backbone']} ({export_format}, branch {metadata['branch']}) to {output}.")
+    logger.info(
+        f"Exported {metadata['backbone']} ({export_format}, branch {metadata['branch']}) to {output}."
+    )
     return output
 
 
-def load_exported_model(path: str | Path) -> Callable[[Tensor], Tensor]:
+def load_exported_model(path: str | Path, num_threads: int | None = None) -> Callable[[Tensor], Tensor]:
     """
     Loads a file written by [`export_model`] for inference: onnxruntime (CPU) for `.onnx`, the exported program
     for `.pt2`.
+
+    Args:
+        path (`str` or `Path`):
+            The exported file.
+        num_threads (`int`, *optional*):
+            onnxruntime's intra-op threads (default: its own choice); a `.pt2` program uses torch's threads.
 
     Returns:
         `Callable`: maps float32 `pixel_values` `(batch, 3, height, width)` to `logits` `(batch, num_labels,
@@ -198,7 +208,10 @@ def load_exported_model(path: str | Path) -> Callable[[Tensor], Tensor]:
     if path.suffix == EXPORT_FORMATS["onnx"]:
         import onnxruntime
 
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        if num_threads is not None:
+            options.intra_op_num_threads = num_threads
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run_onnx(pixel_values: Tensor) -> Tensor:
             inputs = {INPUT_NAME: np.ascontiguousarray(pixel_values.detach().cpu().numpy(), dtype=np.float32)}

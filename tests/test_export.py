@@ -140,3 +140,31 @@ def test_export_script_names_a_missing_model_folder_or_unreachable_hub_id(tmp_pa
     # Tests run with HF_HUB_OFFLINE=1 (conftest), so a Hub id cannot be fetched.
     with pytest.raises(OSError, match="no local folder.*HF_HUB_OFFLINE=1"):
         run_script("export", ["--model", "some-org/some-model", "--format", "onnx", "--output", "m.onnx"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("backbone", "overrides"),
+    [
+        ("efficientnet_b0", {}),
+        ("mobilenetv3_large_100", {}),
+        ("convnext_atto", {}),
+        ("regnetx_002", {}),
+        ("hrnet_w18_small", {"output_stride": None, "backbone_kwargs": {"feature_location": ""}}),
+    ],
+)
+@pytest.mark.parametrize(("export_format", "suffix"), [("onnx", "onnx"), ("torch_export", "pt2")])
+def test_other_backbone_families_export(tmp_path, backbone, overrides, export_format, suffix):
+    """Which timm families export (README, Deployment): random init, slim heads, the parity check above."""
+    if export_format == "onnx":
+        pytest.importorskip(
+            "onnxscript", reason="ONNX export needs onnxscript (pip install 'cps_hf[deploy]')"
+        )
+        pytest.importorskip(
+            "onnxruntime", reason="ONNX parity needs onnxruntime (pip install 'cps_hf[deploy]')"
+        )
+    torch.manual_seed(0)
+    config = tiny_synthetic_config(backbone=backbone, **overrides)
+    model = CPSForSemanticSegmentation(config).eval()
+    path = export_model(model, tmp_path / f"model.{suffix}", export_format, branch=0)
+    assert_parity(model, path, 0)
