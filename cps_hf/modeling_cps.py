@@ -113,7 +113,9 @@ def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
             conv.padding = (dilation, dilation)
 
 
-def same_padding(size: int | torch.SymInt, kernel_size: int, stride: int, dilation: int) -> int | torch.SymInt:
+def same_padding(
+    size: int | torch.SymInt, kernel_size: int, stride: int, dilation: int
+) -> int | torch.SymInt:
     """Total TensorFlow-style 'SAME' padding along one axis, in integer arithmetic."""
     # `-(-size // stride)` is `ceil(size / stride)` without a float: a traced graph keeps an integer expression,
     # which `torch.export.save` serialises, and which is a constant for stride 1.
@@ -152,7 +154,9 @@ class IntegerPaddingMaxPool2dSame(MaxPool2dSame):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         padded = pad_same(input, self.kernel_size, self.stride, self.dilation, value=-float("inf"))
-        return F.max_pool2d(padded, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return F.max_pool2d(
+            padded, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+        )
 
 
 INTEGER_PADDING_POOLS: dict[type[nn.Module], type[nn.Module]] = {

@@ -8,7 +8,6 @@ The exported graph maps normalised `pixel_values` (batch, 3, height, width) to `
 width); normalise with the mean and std of the model's `preprocessor_config.json`.
 """
 
-
 from dataclasses import dataclass, field
 from typing import Literal
 
