@@ -7,6 +7,7 @@ The token is never read into this module's state: `huggingface_hub` takes it fro
 
 from __future__ import annotations
 
+import importlib.metadata
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -15,11 +16,19 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
 from huggingface_hub.errors import OfflineModeIsEnabled
+from PIL import Image as PILImage
 from transformers import TrainingArguments
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
-from .modelcard import find_evaluation_reports, read_json, render_model_card
+from .modelcard import (
+    SYNTHETIC_DATASET_NAME,
+    find_evaluation_reports,
+    read_json,
+    read_recipe,
+    render_model_card,
+)
+from .synthetic import synthetic_sample
 
 logger = logging.get_logger(__name__)
 
@@ -28,6 +37,12 @@ CONFIG_FILE_NAMES = ("config.json", "preprocessor_config.json")
 RESULTS_FILE_NAMES = ("cps_recipe.json", "eval_results.json", "all_results.json", "train_results.json")
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 MODEL_CARD_NAME = "README.md"
+EXAMPLE_IMAGE_PATTERN = "example_*.png"
+"""Example images uploaded with a model (shown by the Hub widget and the web demo): `example_1.png`, ..."""
+NUM_SYNTHETIC_EXAMPLES = 2
+SPACE_EXAMPLES_DIR = "examples"
+# Beyond cps_hf's own dependencies, what a Space running the web demo installs.
+SPACE_EXTRA_REQUIREMENTS = ("gradio>=6",)
 
 
 def remote_code_files(model_dir: str | Path) -> list[Path]:
@@ -100,16 +115,62 @@ def files_to_upload(model_dir: str | Path, results_files: Sequence[str | Path] =
     return list(by_name.values())
 
 
+def example_image_name(index: int) -> str:
+    return EXAMPLE_IMAGE_PATTERN.replace("*", str(index + 1))
+
+
+def write_example_images(
+    model_dir: str | Path, folder: str | Path, example_images: Sequence[str | Path] = ()
+) -> list[str]:
+    """
+    Writes the example images of a model into `folder` as `example_1.png`, `example_2.png`, ...: the given files
+    (any format PIL reads), else the `example_*.png` already in `model_dir`, else, for a run on the synthetic
+    dataset, its first validation images. Other runs get none unless images are given.
+
+    Returns:
+        `list[str]`: the names written, in order.
+    """
+    model_dir, folder = Path(model_dir), Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if example_images:
+        images = []
+        for path in example_images:
+            if not Path(path).is_file():
+                raise ValueError(f"Example image {path} does not exist.")
+            images.append(PILImage.open(path).convert("RGB"))
+    elif shipped := sorted(model_dir.glob(EXAMPLE_IMAGE_PATTERN)):
+        images = [PILImage.open(path).convert("RGB") for path in shipped]
+    else:
+        data = (read_recipe(model_dir) or {}).get("data", {})
+        if (data.get("dataset_name") or SYNTHETIC_DATASET_NAME) != SYNTHETIC_DATASET_NAME:
+            logger.warning(
+                f"No example images for {model_dir}: pass some (`--example_images`) for the Hub widget and the demo."
+            )
+            return []
+        size = int(data.get("synthetic_image_size", 96))
+        images = [
+            PILImage.fromarray(synthetic_sample("validation", index, size)[0])
+            for index in range(NUM_SYNTHETIC_EXAMPLES)
+        ]
+    names = []
+    for index, image in enumerate(images):
+        names.append(example_image_name(index))
+        image.save(folder / names[-1])
+    return names
+
+
 def build_upload_folder(
     model_dir: str | Path,
     folder: str | Path,
     repo_id: str,
     results_files: Sequence[str | Path] = (),
     dataset_id: str | None = None,
+    example_images: Sequence[str | Path] = (),
 ) -> list[str]:
     """
     Writes exactly the folder that is uploaded: weights, `config.json`, `preprocessor_config.json`, the model code
-    for `trust_remote_code`, the run's results files and a freshly rendered model card (`README.md`).
+    for `trust_remote_code`, the run's results files, example images for the Hub widget (see
+    [`write_example_images`]) and a freshly rendered model card (`README.md`) whose `widget` metadata shows them.
 
     Args:
         model_dir (`str` or `Path`):
@@ -122,6 +183,8 @@ def build_upload_folder(
             More evaluation reports of `scripts/evaluate_cps.py` to copy and report in the card.
         dataset_id (`str`, *optional*):
             The Hub id of the training dataset when the run read a local copy (see [`render_model_card`]).
+        example_images (`Sequence`, *optional*):
+            Example images for the widget (default: see [`write_example_images`]).
 
     Returns:
         `list[str]`: the names of the files written, sorted.
@@ -133,12 +196,102 @@ def build_upload_folder(
     if folder.exists() and any(folder.iterdir()):
         raise ValueError(f"{folder} is not empty; give a new or empty folder.")
     files = files_to_upload(model_dir, results_files)
-    card = render_model_card(model_dir, repo_id=repo_id, results_files=results_files, dataset_id=dataset_id)
     folder.mkdir(parents=True, exist_ok=True)
+    examples = write_example_images(model_dir, folder, example_images)
+    card = render_model_card(
+        model_dir,
+        repo_id=repo_id,
+        results_files=results_files,
+        dataset_id=dataset_id,
+        example_images=examples,
+    )
     for path in files:
         shutil.copyfile(path, folder / path.name)
     card.save(folder / MODEL_CARD_NAME)
-    return sorted([path.name for path in files] + [MODEL_CARD_NAME])
+    return sorted([path.name for path in files] + examples + [MODEL_CARD_NAME])
+
+
+SPACE_APP = """\"\"\"Web demo of {repo_id} (cps_hf): upload or pick an image and see its segmentation.\"\"\"
+
+import os
+from pathlib import Path
+
+from cps_hf.web_demo import DEMO_CSS, build_demo
+
+# CPS_DEMO_MODEL: another model (a Hub id or a local folder) to serve with this app.
+MODEL = os.environ.get("CPS_DEMO_MODEL", {repo_id!r})
+EXAMPLES = sorted(str(path) for path in (Path(__file__).parent / {examples_dir!r}).glob("*.png"))
+
+demo = build_demo(MODEL, examples=EXAMPLES, title={title!r})
+
+if __name__ == "__main__":
+    demo.launch(css=DEMO_CSS)
+"""
+
+
+def space_requirements() -> list[str]:
+    """The pip requirements of a Space running the web demo: cps_hf's own dependencies and Gradio."""
+    requirements = [
+        requirement
+        for requirement in importlib.metadata.requires("cps_hf") or []
+        if "extra ==" not in requirement
+    ]
+    return [*requirements, *SPACE_EXTRA_REQUIREMENTS]
+
+
+def build_space_folder(
+    model_dir: str | Path,
+    folder: str | Path,
+    repo_id: str,
+    example_images: Sequence[str | Path] = (),
+) -> list[str]:
+    """
+    Writes a Gradio Space that serves the web demo ([`~cps_hf.web_demo.build_demo`]) of the model published as
+    `repo_id`: `app.py`, `requirements.txt`, `README.md` (the Space's metadata), the example images under
+    `examples/`, and the `cps_hf` package itself (it is not on PyPI), so the Space needs nothing else.
+
+    Args:
+        model_dir (`str` or `Path`):
+            The trained model (for its example images).
+        folder (`str` or `Path`):
+            Where to write; must not exist or be empty.
+        repo_id (`str`):
+            The model's Hub id, which the app loads.
+        example_images (`Sequence`, *optional*):
+            Example images (default: see [`write_example_images`]).
+
+    Returns:
+        `list[str]`: the top-level names written, sorted.
+
+    Raises:
+        ValueError: if `folder` holds files.
+    """
+    import cps_hf
+
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        raise ValueError(f"{folder} is not empty; give a new or empty folder.")
+    folder.mkdir(parents=True, exist_ok=True)
+    write_example_images(model_dir, folder / SPACE_EXAMPLES_DIR, example_images)
+    title = repo_id.split("/")[-1]
+    (folder / "app.py").write_text(
+        SPACE_APP.format(repo_id=repo_id, examples_dir=SPACE_EXAMPLES_DIR, title=title)
+    )
+    (folder / "requirements.txt").write_text("\n".join(space_requirements()) + "\n")
+    (folder / "README.md").write_text(
+        f"---\ntitle: {title}\nsdk: gradio\napp_file: app.py\nmodels:\n- {repo_id}\ntags:\n- cps_hf\n"
+        f"- image-segmentation\n---\n\nWeb demo of [{repo_id}](https://huggingface.co/{repo_id}), made by "
+        "`scripts/publish.py --space_dir` of cps_hf.\n"
+    )
+    package = Path(cps_hf.__file__).resolve().parent
+    shutil.copytree(
+        package,
+        folder / "cps_hf",
+        ignore=lambda directory, names: [
+            name for name in names if name == "__pycache__" or name.endswith(".pyc")
+        ],
+    )
+    return sorted(path.name for path in folder.iterdir())
 
 
 def check_can_publish(token: str | None = None) -> None:
@@ -178,6 +331,7 @@ def publish_model(
     dataset_id: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    example_images: Sequence[str | Path] = (),
 ) -> str:
     """
     Publishes a trained model: creates the repository if needed (and the branch `revision`), then uploads the
@@ -202,6 +356,8 @@ def publish_model(
             The commit message.
         token (`str`, *optional*):
             A token; by default `HF_TOKEN` or the login cache. It is passed to the Hub client only.
+        example_images (`Sequence`, *optional*):
+            Example images for the widget (default: see [`write_example_images`]).
 
     Returns:
         `str`: the URL of the commit or pull request.
@@ -213,7 +369,7 @@ def publish_model(
     check_can_publish(token)
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="cps_hf_upload_") as folder:
-        names = build_upload_folder(model_dir, folder, repo_id, results_files, dataset_id)
+        names = build_upload_folder(model_dir, folder, repo_id, results_files, dataset_id, example_images)
         logger.info(f"Publishing {model_dir} to {repo_id} ({len(names)} files: {', '.join(names)}).")
         try:
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
@@ -287,10 +443,12 @@ def take_over_hub_push(training_args: TrainingArguments) -> HubPublishRequest | 
 
 __all__ = [
     "HubPublishRequest",
+    "build_space_folder",
     "build_upload_folder",
     "check_can_publish",
     "files_to_upload",
     "publish_model",
     "remote_code_files",
     "take_over_hub_push",
+    "write_example_images",
 ]

@@ -14,10 +14,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import constants
 from PIL import Image as PILImage
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
@@ -27,6 +29,8 @@ from transformers.utils import logging
 from .data import collate_semi_supervised, decode_image
 from .image_processing import backbone_normalization
 from .metrics import StreamingSegmentationMetric, class_pixel_shares, metrics_from_confusion_matrix
+from .modelcard import is_local_path
+from .modeling_cps import CPSForSemanticSegmentation
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -40,6 +44,7 @@ __all__ = [
     "evaluate_model",
     "format_results_table",
     "load_image_normalization",
+    "load_model",
     "parse_branch_selection",
     "predict_branch_probabilities",
     "predict_logits",
@@ -568,6 +573,36 @@ def predict_segmentation(
     std = torch.tensor(list(image_std), dtype=torch.float32).view(3, 1, 1)
     probabilities = predict_probabilities(model, ((pixels - mean) / std).unsqueeze(0), **protocol)
     return probabilities[0].argmax(dim=0).cpu()
+
+
+def load_model(model_name_or_path: str) -> CPSForSemanticSegmentation:
+    """A saved CPS model from a local folder or a Hub id, in eval mode on the CPU.
+
+    Args:
+        model_name_or_path (`str`):
+            A folder written by `save_pretrained` (a training run's `output_dir`) or a Hub id.
+
+    Returns:
+        [`~cps_hf.CPSForSemanticSegmentation`]: the model.
+
+    Raises:
+        FileNotFoundError: if `model_name_or_path` is a local path without a saved model in it.
+        OSError: if it names no local folder and cannot be loaded from the Hub (offline, unknown id).
+    """
+    path = Path(model_name_or_path).expanduser()
+    if path.is_dir() or is_local_path(model_name_or_path):
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model_name_or_path!r} is not a saved model folder: {path / 'config.json'} does not exist."
+            )
+        return CPSForSemanticSegmentation.from_pretrained(path).eval()
+    try:
+        return CPSForSemanticSegmentation.from_pretrained(model_name_or_path).eval()
+    except OSError as error:
+        raise OSError(
+            f"{model_name_or_path!r} is no local folder, and loading it as a Hub id failed "
+            f"(HF_HUB_OFFLINE={int(constants.HF_HUB_OFFLINE)}): {error}"
+        ) from error
 
 
 def load_image_normalization(

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from transformers.utils import logging
 
 from .configuration_cps import CPSConfig
@@ -492,9 +492,7 @@ def recipe_rows(
         )
     if "crop_size" in data:
         scales = ", ".join(f"{scale:g}" for scale in data.get("scales", []))
-        rows.append(
-            ("crop", f"{_size_text(data['crop_size'])}, random scales {scales}, horizontal flip")
-        )
+        rows.append(("crop", f"{_size_text(data['crop_size'])}, random scales {scales}, horizontal flip"))
     if "learning_rate" in training:
         schedule = training.get("lr_scheduler_type")
         kwargs = training.get("lr_scheduler_kwargs")
@@ -572,6 +570,19 @@ def limitations(
     return lines
 
 
+def widget_examples(repo_id: str | None, example_images: Sequence[str]) -> list[dict[str, str]]:
+    """The card's `widget` entries: the URL of each example image in the model repository (the widget needs URLs)."""
+    if example_images and repo_id is None:
+        raise ValueError("Example images for the widget need the `repo_id` whose files they are.")
+    return [
+        {
+            "src": f"{constants.ENDPOINT}/{repo_id}/resolve/main/{name}",
+            "example_title": Path(name).stem.replace("_", " "),
+        }
+        for name in example_images
+    ]
+
+
 def render_model_card(
     model_dir: str | Path,
     repo_id: str | None = None,
@@ -579,6 +590,7 @@ def render_model_card(
     dataset_id: str | None = None,
     config: CPSConfig | None = None,
     template_path: str | Path | None = None,
+    example_images: Sequence[str] = (),
 ) -> ModelCard:
     """
     Renders the card of a saved CPS model from the files of its run.
@@ -598,6 +610,9 @@ def render_model_card(
             The model's configuration (default: read from `model_dir`).
         template_path (`str` or `Path`, *optional*):
             A Jinja template (default: `cps_hf/templates/model_card.md`).
+        example_images (`Sequence[str]`, *optional*):
+            Names of example images uploaded with the model: the `widget` metadata shows them on the model page
+            (needs `repo_id`).
 
     Returns:
         `ModelCard`: the card; `card.data` holds the metadata, including one `model-index` entry per measured mIoU.
@@ -635,6 +650,7 @@ def render_model_card(
         base_model=base_model_id(recipe, config.backbone),
         metrics=["mean_iou"],
         eval_results=eval_results or None,
+        widget=widget_examples(repo_id, example_images) or None,
     )
 
     class_names = [str(config.id2label[index]) for index in sorted(config.id2label, key=int)]

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 import timm
 import torch
+from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
@@ -79,6 +81,7 @@ def create_timm_backbone(
         )
     if config.multi_grid is not None:
         apply_multi_grid(backbone, config)
+    use_integer_same_padding(backbone)
     return backbone
 
 
@@ -110,6 +113,73 @@ def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
             conv.padding = (dilation, dilation)
 
 
+def same_padding(
+    size: int | torch.SymInt, kernel_size: int, stride: int, dilation: int
+) -> int | torch.SymInt:
+    """Total TensorFlow-style 'SAME' padding along one axis, in integer arithmetic."""
+    # `-(-size // stride)` is `ceil(size / stride)` without a float: a traced graph keeps an integer expression,
+    # which `torch.export.save` serialises, and which is a constant for stride 1.
+    return torch.sym_max((-(-size // stride) - 1) * stride + (kernel_size - 1) * dilation + 1 - size, 0)
+
+
+def pad_same(
+    input: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    value: float,
+) -> torch.Tensor:
+    """Pads `input` for a 'SAME' pooling window, the extra pixel of an odd total at the bottom / right."""
+    pad_height, pad_width = (
+        same_padding(size, kernel, step, rate)
+        for size, kernel, step, rate in zip(input.shape[-2:], kernel_size, stride, dilation)
+    )
+    padding = (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2)
+    return F.pad(input, padding, value=value)
+
+
+class IntegerPaddingAvgPool2dSame(AvgPool2dSame):
+    """timm's `AvgPool2dSame` (the stride-1 shortcut pooling of dilated `avg_down` ResNets) with its padding computed
+    by [`same_padding`]; the outputs are the same."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padded = pad_same(input, self.kernel_size, self.stride, (1, 1), value=0.0)
+        return F.avg_pool2d(
+            padded, self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad
+        )
+
+
+class IntegerPaddingMaxPool2dSame(MaxPool2dSame):
+    """timm's `MaxPool2dSame` with its padding computed by [`same_padding`]; the outputs are the same."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        padded = pad_same(input, self.kernel_size, self.stride, self.dilation, value=-float("inf"))
+        return F.max_pool2d(
+            padded, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode
+        )
+
+
+INTEGER_PADDING_POOLS: dict[type[nn.Module], type[nn.Module]] = {
+    AvgPool2dSame: IntegerPaddingAvgPool2dSame,
+    MaxPool2dSame: IntegerPaddingMaxPool2dSame,
+}
+
+
+def use_integer_same_padding(module: nn.Module) -> int:
+    """Turns timm's 'SAME'-padded pooling layers inside `module` into their integer-padding versions (in place).
+
+    Returns:
+        `int`: how many layers were changed.
+    """
+    converted = 0
+    for layer in module.modules():
+        replacement = INTEGER_PADDING_POOLS.get(type(layer))
+        if replacement is not None:
+            layer.__class__ = replacement
+            converted += 1
+    return converted
+
+
 class PaddingAwareConv2d(nn.Conv2d):
     """
     A zero-padded, stride-1 dilated `nn.Conv2d` that leaves out the kernel rows and columns whose every input lies in
@@ -117,13 +187,20 @@ class PaddingAwareConv2d(nn.Conv2d):
     zeros. The remaining taps are applied with the matching smaller padding, so the output equals the full
     convolution's (up to summation order) and the skipped weights get the zero gradient they would get anyway.
     Parameters and state-dict keys are those of `nn.Conv2d`.
+
+    Taps are skipped only when the map size is known to make them read padding alone: under tracing with dynamic
+    shapes (`torch.export`, ONNX export, `torch.compile(dynamic=True)`) a symbolic size that does not prove it keeps
+    every tap, so one traced graph is right for every input size.
     """
 
-    def _kept_radius(self, axis: int, size: int) -> int:
+    def _kept_radius(self, axis: int, size: int | torch.SymInt) -> int:
         radius = self.kernel_size[axis] // 2
         # Tap `j` of the kernel (offset `j * dilation` from the centre) reads inside the map for some output iff
-        # `|j| * dilation < size`.
-        return min(radius, (size - 1) // self.dilation[axis])
+        # `|j| * dilation < size`. `statically_known_true` is the plain comparison for an int and never adds a
+        # shape guard for a symbolic size.
+        while radius > 0 and statically_known_true(radius * self.dilation[axis] >= size):
+            radius -= 1
+        return radius
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         height, width = input.shape[-2:]
@@ -281,8 +358,9 @@ class CPSDeepLabV3PlusBranch(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         height, width = pixel_values.shape[-2:]
-        pad_bottom, pad_right = (-height) % self.input_multiple, (-width) % self.input_multiple
-        if pad_bottom or pad_right:
+        if self.input_multiple > 1:
+            # Padding by zero pixels is a no-op, so no branch on the size: one traced graph serves every size.
+            pad_bottom, pad_right = (-height) % self.input_multiple, (-width) % self.input_multiple
             pixel_values = F.pad(pixel_values, (0, pad_right, 0, pad_bottom))
         features = self.backbone(pixel_values)
         aspp_features = self.aspp(self.high_level_features(features))
@@ -435,11 +513,14 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
     def combine_branch_logits(self, branch_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """The inference logits: the configured branch's, or the log of the mean softmax over all branches."""
         if self.config.inference_branch == "ensemble":
-            probabilities = torch.stack([logits.float().softmax(dim=1) for logits in branch_logits]).mean(
-                dim=0
-            )
-            return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+            return ensemble_logits(branch_logits)
         return branch_logits[self.config.inference_branch]
+
+
+def ensemble_logits(branch_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The ensemble's logits: the log of the branches' mean softmax probabilities (float32)."""
+    probabilities = torch.stack([logits.float().softmax(dim=1) for logits in branch_logits]).mean(dim=0)
+    return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
 
 
 def mark_initialized(module: nn.Module) -> None:
@@ -475,5 +556,6 @@ __all__ = [
     "CPSPreTrainedModel",
     "CPSSemanticSegmenterOutput",
     "PaddingAwareConv2d",
+    "ensemble_logits",
     "use_padding_aware_convolutions",
 ]

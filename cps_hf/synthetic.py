@@ -51,6 +51,7 @@ __all__ = [
     "render_synthetic_sample",
     "synthetic_id2label",
     "synthetic_label2id",
+    "synthetic_sample",
 ]
 
 SYNTHETIC_CLASS_NAMES: tuple[str, ...] = (
@@ -264,6 +265,13 @@ def render_synthetic_sample(rng: np.random.Generator, image_size: int = 64) -> t
     return np.round(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), label
 
 
+def synthetic_sample(split: str, index: int, image_size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Sample `index` of a split of the synthetic dataset generated with `seed` (see [`render_synthetic_sample`])."""
+    if split not in _SPLIT_CODES:
+        raise ValueError(f"The synthetic dataset has the splits {sorted(_SPLIT_CODES)}, got {split!r}.")
+    return render_synthetic_sample(np.random.default_rng([seed, _SPLIT_CODES[split], index]), image_size)
+
+
 def _encode_png(array: np.ndarray, palette: list[int] | None = None) -> bytes:
     image = PILImage.fromarray(array)
     if palette is not None:
@@ -278,8 +286,7 @@ def _generate_split(split: str, num_samples: int, image_size: int, seed: int) ->
     palette = [channel for colour in SYNTHETIC_PALETTE for channel in colour]
     ids, images, labels = [], [], []
     for index in range(num_samples):
-        rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
-        image, label = render_synthetic_sample(rng, image_size)
+        image, label = synthetic_sample(split, index, image_size, seed)
         ids.append(f"{split}_{index:05d}")
         images.append({"bytes": _encode_png(image), "path": None})
         labels.append({"bytes": _encode_png(label, palette), "path": None})

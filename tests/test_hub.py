@@ -14,6 +14,7 @@ import pytest
 import test_trainer
 from helpers import save_tiny_model, save_tiny_run
 from huggingface_hub import HfApi, ModelCard
+from PIL import Image
 from test_trainer import experiment_argv
 
 import cps_hf.hub
@@ -111,17 +112,27 @@ def test_dry_run_folder_holds_exactly_what_is_published(tmp_path):
             "all_results.json",
             "eval_slide.json",
             "eval_whole.json",
+            # A run on the synthetic dataset: its first validation images, for the Hub widget.
+            "example_1.png",
+            "example_2.png",
         ]
     )
     assert sorted(path.name for path in (tmp_path / "upload").iterdir()) == names
     for name in names:
-        if name != "README.md":
+        if name != "README.md" and not name.startswith("example_"):
             source = run / name if (run / name).exists() else extra_report
             assert (tmp_path / "upload" / name).read_bytes() == source.read_bytes(), name
     card = ModelCard.load(tmp_path / "upload" / "README.md")
     assert card.data.model_name == "tiny-cps"
     assert len(card.data.eval_results) == 7  # trainer + 3 sliding-window + 3 whole-image reports
     assert 'pipeline("image-segmentation", model="my-org/tiny-cps", trust_remote_code=True)' in card.text
+    assert card.data.pipeline_tag == "image-segmentation"
+    assert [example["src"] for example in card.data.widget] == [
+        f"{huggingface_hub.constants.ENDPOINT}/my-org/tiny-cps/resolve/main/example_{index}.png"
+        for index in (1, 2)
+    ]
+    example = Image.open(tmp_path / "upload" / "example_1.png")
+    assert example.mode == "RGB" and example.size == (96, 96)
 
     with pytest.raises(ValueError, match="not empty"):
         build_upload_folder(run, tmp_path / "upload", "my-org/tiny-cps")
@@ -210,7 +221,9 @@ def test_push_to_hub_publishes_the_project_card_not_the_trainers(
     assert [call[0] for call in api.calls] == ["create_repo", "upload_folder"]
     assert api.calls[0][1] == "my-org/tiny-cps"
     card = api.uploaded["README.md"].decode()
-    assert card == str(render_model_card(output_dir, repo_id="my-org/tiny-cps"))
+    examples = ["example_1.png", "example_2.png"]  # the run is on the synthetic dataset
+    assert set(examples) <= set(api.uploaded)
+    assert card == str(render_model_card(output_dir, repo_id="my-org/tiny-cps", example_images=examples))
     assert "generated_from_trainer" not in card and "Cross Pseudo Supervision" in card
     assert f"value: {round(100 * results['eval_mean_iou'], 2)}" in card
     assert not any(name.startswith(("checkpoint", "training_args", "optimizer")) for name in api.uploaded)
@@ -231,6 +244,15 @@ def test_publish_script_card_only_dry_run_and_upload(tmp_path, recording_hub, mo
     expected_card = str(render_model_card(run, repo_id="my-org/tiny-cps", dataset_id="my-org/shapes"))
     assert (tmp_path / "card.md").read_text() == expected_card
     run_publish_script(monkeypatch, *common, "--dry_run", str(tmp_path / "upload"))
+    # The published card also shows the uploaded example images in the widget.
+    expected_card = str(
+        render_model_card(
+            run,
+            repo_id="my-org/tiny-cps",
+            dataset_id="my-org/shapes",
+            example_images=["example_1.png", "example_2.png"],
+        )
+    )
     assert (tmp_path / "upload" / "README.md").read_text() == expected_card
     assert recording_hub == []
     run_publish_script(monkeypatch, *common, "--private", "true", "--revision", "v2", "--create_pr", "true")
