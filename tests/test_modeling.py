@@ -1,10 +1,13 @@
+import contextlib
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForSemanticSegmentation, pipeline
+from transformers.utils import logging as transformers_logging
 
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, create_image_processor
 
@@ -283,6 +287,20 @@ def test_remote_code_load_without_cps_hf(tiny_config, tmp_path):
     assert "REMOTE_OK transformers_modules" in result.stdout
 
 
+@contextlib.contextmanager
+def transformers_log_records() -> Iterator[list[logging.LogRecord]]:
+    """Every record transformers logs inside the block (its loggers do not propagate to pytest's `caplog`)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(level=logging.DEBUG)
+    handler.emit = records.append
+    library_logger = transformers_logging.get_logger()
+    library_logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        library_logger.removeHandler(handler)
+
+
 def test_pipeline_returns_named_masks(tiny_config, tmp_path):
     model = CPSForSemanticSegmentation(tiny_config)
     model.save_pretrained(tmp_path)
@@ -292,9 +310,12 @@ def test_pipeline_returns_named_masks(tiny_config, tmp_path):
         list(timm.models.get_pretrained_cfg("test_resnet").mean)
     )
     assert processor_config["do_resize"] is False
-    segmenter = pipeline("image-segmentation", model=str(tmp_path))
-    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45, 3), dtype=np.uint8))
-    results = segmenter(image)
+    with transformers_log_records() as records:
+        segmenter = pipeline("image-segmentation", model=str(tmp_path))
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (37, 45, 3), dtype=np.uint8))
+        results = segmenter(image)
+    errors = [record.getMessage() for record in records if record.levelno >= logging.ERROR]
+    assert not errors, errors
     assert results, "the pipeline returned no mask"
     assert {result["label"] for result in results} <= {"background", "disc", "square"}
     for result in results:
