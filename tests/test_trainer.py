@@ -1,3 +1,4 @@
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -6,15 +7,17 @@ import pytest
 import torch
 from helpers import tiny_synthetic_config
 from safetensors.torch import load_file
+from timm.layers import BatchNormAct2d
+from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
 
-from cps_hf import CPSForSemanticSegmentation
+from cps_hf import CPSConfig, CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset, collate_semi_supervised
 from cps_hf.experiment import parse_experiment_arguments, run_experiment
 from cps_hf.losses import cross_pseudo_supervision_loss, supervised_cross_entropy
 from cps_hf.masking import mix_with_mask
 from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
-from cps_hf.trainer import CPSTrainer, CPSTrainingArguments
+from cps_hf.trainer import CPSTrainer, CPSTrainingArguments, use_sync_batchnorm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
@@ -474,3 +477,34 @@ def test_cps_weight_warmup_ramps_lambda_linearly(tmp_path, synthetic_splits):
     torch.testing.assert_close(loss, terms["loss_supervised_branch_0"] + terms["loss_supervised_branch_1"])
     with pytest.raises(ValueError, match="cps_weight_warmup_steps"):
         training_arguments(tmp_path, cps_weight_warmup_steps=-1)
+
+
+def test_sync_batchnorm_keeps_the_activation_of_timm_norm_act_layers():
+    torch.manual_seed(0)
+    config = CPSConfig(
+        backbone="test_efficientnet",
+        num_labels=3,
+        multi_grid=None,
+        aspp_channels=8,
+        low_level_channels=4,
+        decoder_channels=8,
+    )
+    model = CPSForSemanticSegmentation(config).train()
+    norm_act_count = sum(isinstance(module, BatchNormAct2d) for module in model.modules())
+    assert norm_act_count > 0
+    model(torch.randn(2, 3, 32, 32))  # running statistics away from their initial values
+    model.eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    plain_conversion = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+
+    use_sync_batchnorm(model)
+
+    assert sum(isinstance(module, SyncBatchNormAct) for module in model.modules()) == norm_act_count
+    assert not any(type(module) in (nn.BatchNorm2d, BatchNormAct2d) for module in model.modules())
+    with torch.no_grad():
+        # In evaluation a synchronised BatchNorm is the same normalisation with the same statistics.
+        torch.testing.assert_close(model(pixel_values).logits, expected, rtol=0, atol=0)
+        # What this guards against: torch's own conversion drops the activations of the norm + act layers.
+        assert not torch.allclose(plain_conversion(pixel_values).logits, expected, atol=1e-3)
