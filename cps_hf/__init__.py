@@ -12,7 +12,9 @@ AutoModelForSemanticSegmentation.register(CPSConfig, CPSForSemanticSegmentation,
 # The image-segmentation pipeline checks the model's class name against copies of transformers' name tables, which
 # drop the registration above; without this entry it logs a false "not supported" error. Model types absent from
 # the config name table (such as "cps") are never imported through this table, so the Auto classes are unaffected.
-MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(CPSConfig.model_type, CPSForSemanticSegmentation.__name__)
+MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES.setdefault(
+    CPSConfig.model_type, CPSForSemanticSegmentation.__name__
+)
 # Saved folders carry configuration/modeling code so they load with `trust_remote_code=True` without cps_hf.
 CPSConfig.register_for_auto_class()
 CPSForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
