@@ -132,7 +132,7 @@ def test_paper_config_carries_the_recipe(dataset, backbone, split, variant):
     assert data_args.labeled_ids_file == f"data/splits/{dataset}/train_aug_labeled_{split}.txt"
     assert data_args.labeled_fraction is None and data_args.labeled_count is None
     assert data_args.num_labels == NUM_LABELS[dataset]
-    assert data_args.crop_size == CROP_SIZE[dataset]
+    assert data_args.crop_size == [CROP_SIZE[dataset]] * 2
     assert data_args.scales == [0.5, 0.75, 1.0, 1.5, 1.75, 2.0]
 
     assert training_args.supervised_only is (variant == "supervised")
