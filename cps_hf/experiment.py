@@ -672,10 +672,13 @@ def run_experiment(
 
 
 __all__ = [
+    "MODEL_CONFIG_FIELDS",
     "DataArguments",
     "ModelArguments",
+    "ModelSourceArguments",
     "build_data",
     "build_model",
+    "names_synthetic_dataset",
     "parse_experiment_arguments",
     "resolve_resume_checkpoint",
     "run_experiment",
