@@ -6,6 +6,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 
 HEAD_INIT_SCHEMES = ("kaiming_normal", "xavier_normal", "normal", "torch_default")
+# The paper's per-block dilation multipliers of the last ResNet stage (see `multi_grid`).
+PAPER_MULTI_GRID = (1, 2, 4)
 
 
 @strict
@@ -27,10 +29,13 @@ class CPSConfig(PreTrainedConfig):
         output_stride (`int`, *optional*, defaults to 16):
             Ratio of input size to the size of the deepest feature map: 8 or 16 (dilated backbone), or `None` to
             keep the backbone's native strides (needed for backbones such as HRNet that reject `output_stride`).
-        multi_grid (`list[int]`, *optional*, defaults to `[1, 2, 4]`):
+        multi_grid (`list[int]`, `"auto"` or `None`, *optional*, defaults to `"auto"`):
             Per-block dilation multipliers of the last backbone stage (ResNet-family backbones only): block `i` of
             the last stage gets dilation `(32 // output_stride) * multi_grid[i]`, i.e. 2/4/8 at output stride 16 as
-            in the paper. `None` keeps timm's dilations.
+            in the paper. `None` keeps timm's dilations. `"auto"` gives the paper's `[1, 2, 4]` to a dilated
+            backbone whose last stage has three blocks of plain 3x3 convolutions (`resnet50s`, `resnet101s`, ...)
+            and `None` to any other (logged); the model resolves it when it builds its backbones and stores the
+            result here, so a saved model records the dilations it uses.
         aspp_dilation_rates (`list[int]`, *optional*, defaults to `[6, 12, 18]`):
             Dilation rates of the three 3x3 ASPP convolutions (use `[12, 24, 36]` at output stride 8).
         aspp_channels (`int`, *optional*, defaults to 256):
@@ -53,10 +58,12 @@ class CPSConfig(PreTrainedConfig):
         inference_branch (`int` or `"ensemble"`, *optional*, defaults to 0):
             Which branch produces `logits` at inference: a branch index, or `"ensemble"` for the mean of all
             branches' softmax probabilities.
-        share_backbone_initialization (`bool`, *optional*, defaults to `True`):
-            Start every branch's backbone from the same weights, as the paper does (its backbones are the same
-            ImageNet weights). `False` keeps each branch's own random backbone draw: when training from scratch
-            this is what keeps the branches different. Pretrained weights are always loaded into every branch.
+        share_backbone_initialization (`bool`, *optional*):
+            `True`: every branch's backbone starts from the same weights, as in the paper (its backbones are the same
+            ImageNet weights). `False`: each branch keeps its own random backbone draw, which is what keeps the
+            branches different when training from scratch. `None` (default) decides where the model is built:
+            shared for [`~CPSForSemanticSegmentation.from_timm_pretrained`], independent for a randomly initialised
+            backbone; the decision is logged and stored here. Pretrained weights are always loaded into every branch.
         head_init (`str`, *optional*, defaults to `"kaiming_normal"`):
             Initialisation of the head and classifier convolutions: `"kaiming_normal"` (fan-in, ReLU gain, the
             paper's choice), `"xavier_normal"`, `"normal"` (std `initializer_range`) or `"torch_default"`.
@@ -86,7 +93,7 @@ class CPSConfig(PreTrainedConfig):
     backbone: str = "resnet50s"
     backbone_kwargs: dict | None = None
     output_stride: int | None = 16
-    multi_grid: list[int] | tuple[int, ...] | None = (1, 2, 4)
+    multi_grid: list[int] | tuple[int, ...] | Literal["auto"] | None = "auto"
     aspp_dilation_rates: list[int] | tuple[int, ...] = (6, 12, 18)
     aspp_channels: int = 256
     low_level_channels: int = 48
@@ -97,7 +104,7 @@ class CPSConfig(PreTrainedConfig):
     batch_norm_momentum: float = 0.1
     num_branches: int = 2
     inference_branch: int | Literal["ensemble"] = 0
-    share_backbone_initialization: bool = True
+    share_backbone_initialization: bool | None = None
     head_init: str = "kaiming_normal"
     skip_padding_taps: bool = True
     initializer_range: float = 0.02
@@ -108,7 +115,7 @@ class CPSConfig(PreTrainedConfig):
             raise ValueError(
                 f"`output_stride` must be 8, 16 or None (native backbone strides), got {self.output_stride!r}."
             )
-        if self.multi_grid is not None:
+        if self.multi_grid not in (None, "auto"):
             if self.output_stride is None:
                 raise ValueError(
                     "`multi_grid` needs a dilated backbone: set `output_stride` to 8 or 16, or `multi_grid=None`."
@@ -145,4 +152,4 @@ class CPSConfig(PreTrainedConfig):
             )
 
 
-__all__ = ["CPSConfig"]
+__all__ = ["PAPER_MULTI_GRID", "CPSConfig"]

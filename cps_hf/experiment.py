@@ -3,10 +3,16 @@ thin wrapper around [`run_experiment`]."""
 
 from __future__ import annotations
 
+import argparse
+import copy
+import inspect
 import json
+import re
 import sys
+import types
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +41,7 @@ from .hub import take_over_hub_push
 from .image_processing import backbone_normalization, create_image_processor
 from .modelcard import write_model_card
 from .modeling_cps import CPSForSemanticSegmentation
-from .synthetic import SYNTHETIC_CLASS_NAMES
+from .synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_DATASET_NAME
 from .trainer import CPSTrainer, CPSTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -44,14 +50,13 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
 @dataclass
-class ModelArguments:
-    """Which network to build (or load)."""
+class ModelSourceArguments:
+    """Where the network's weights come from; the generated [`ModelArguments`] adds every [`CPSConfig`] field."""
 
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A saved CPS model (folder or Hub id) to start from instead of a new one."},
     )
-    backbone: str = field(default="resnet50s", metadata={"help": "timm backbone (features_only capable)."})
     pretrained_backbone: bool = field(
         default=True,
         metadata={"help": "Start every branch from the backbone's ImageNet weights (downloads)."},
@@ -59,32 +64,100 @@ class ModelArguments:
     pretrained_backbone_file: str | None = field(
         default=None, metadata={"help": "Local file with the backbone's ImageNet weights (no download)."}
     )
-    output_stride: int | None = field(default=16, metadata={"help": "8, 16, or null for native strides."})
-    multi_grid: list[int] | None = field(
-        default_factory=lambda: [1, 2, 4],
-        metadata={
-            "help": "Last-stage dilation multipliers, one per block; `0` (or null in a config file): none."
-        },
+
+    def __post_init__(self):
+        for name in MODEL_CONFIG_FIELDS:
+            if not _parsed_by_argparse(CPSConfig.__annotations__[name]):
+                setattr(self, name, _read_command_line_value(getattr(self, name)))
+
+    def config_values(self) -> dict[str, Any]:
+        """The [`CPSConfig`] keyword arguments these arguments describe."""
+        return {name: getattr(self, name) for name in MODEL_CONFIG_FIELDS}
+
+
+# Every field CPSConfig adds to `PreTrainedConfig` is a training argument of the same name, default and help text.
+MODEL_CONFIG_FIELDS = tuple(CPSConfig.__annotations__)
+_ARGPARSE_SCALARS = (str, int, float, bool)
+
+
+def _union_members(annotation: Any) -> tuple[Any, ...]:
+    return (
+        typing.get_args(annotation)
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType)
+        else (annotation,)
     )
-    aspp_dilation_rates: list[int] = field(
-        default_factory=lambda: [6, 12, 18], metadata={"help": "ASPP rates."}
+
+
+def _parsed_by_argparse(annotation: Any) -> bool:
+    """A scalar, or an optional scalar: `HfArgumentParser` reads those from the command line itself."""
+    members = [member for member in _union_members(annotation) if member is not type(None)]
+    return len(members) == 1 and members[0] in _ARGPARSE_SCALARS
+
+
+def _read_command_line_value(value: Any) -> Any:
+    """A non-scalar config field as typed on the command line, read as YAML: `--multi_grid 1 2 4` gives `[1, 2, 4]`,
+    `--multi_grid null` `None`, `--inference_branch 1` `1`, `--backbone_kwargs '{"drop_rate": 0.1}'` a dict. Values
+    from a config file are already typed and pass through."""
+    if isinstance(value, str):
+        return yaml.safe_load(value)
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        items = [yaml.safe_load(item) for item in value]
+        # One word (`auto`, `null`) is the value itself, not a list of it.
+        return items[0] if len(items) == 1 and not isinstance(items[0], int) else items
+    return value
+
+
+def config_field_docs(config_class: type) -> dict[str, str]:
+    """Each field's description in a transformers-style docstring (``name (`type`, ...):`` then indented text)."""
+    docs: dict[str, str] = {}
+    name = None
+    for line in inspect.cleandoc(config_class.__doc__ or "").splitlines():
+        if match := re.fullmatch(r" {4}(\w+) \(.*\):", line):
+            name = match.group(1)
+            docs[name] = ""
+        elif name is not None and (line.startswith(" " * 8) or not line.strip()):
+            docs[name] = f"{docs[name]} {line.strip()}".strip()
+        else:
+            name = None
+    return docs
+
+
+def _model_config_argument(name: str, help_text: str) -> tuple[str, Any, Any]:
+    """The `(name, type, field)` of the argument for one CPSConfig field: its own type when argparse reads it,
+    otherwise words read as YAML by [`_read_command_line_value`]."""
+    annotation = CPSConfig.__annotations__[name]
+    default = CPSConfig.__dataclass_fields__[name].default
+    metadata = {"help": help_text}
+    if _parsed_by_argparse(annotation):
+        return name, annotation, field(default=default, metadata=metadata)
+    if any(typing.get_origin(member) in (list, tuple) for member in _union_members(annotation)):
+        cli_type = list[str] | None  # `--multi_grid 1 2 4`, `--multi_grid auto`
+    else:
+        cli_type = str | None  # `--inference_branch ensemble`, `--backbone_kwargs '{"drop_rate": 0.1}'`
+    default = list(default) if isinstance(default, (list, tuple)) else default
+    # `HfArgumentParser` reads the defaults of list-typed arguments from factories only.
+    return name, cli_type, field(default_factory=lambda: copy.copy(default), metadata=metadata)
+
+
+def _make_model_arguments() -> type:
+    docs = config_field_docs(CPSConfig)
+    missing = [name for name in MODEL_CONFIG_FIELDS if not docs.get(name)]
+    if missing:
+        raise TypeError(f"CPSConfig's docstring does not describe {missing}: every field needs a help text.")
+    arguments = make_dataclass(
+        "ModelArguments",
+        [_model_config_argument(name, docs[name]) for name in MODEL_CONFIG_FIELDS],
+        bases=(ModelSourceArguments,),
     )
-    aspp_channels: int = field(default=256, metadata={"help": "ASPP channels."})
-    low_level_channels: int = field(default=48, metadata={"help": "Decoder low-level projection channels."})
-    decoder_channels: int = field(default=256, metadata={"help": "Decoder channels."})
-    num_branches: int = field(default=2, metadata={"help": "Number of branches (2 = CPS, more = n-CPS)."})
-    inference_branch: str = field(
-        default="0", metadata={"help": "Branch index used for inference, or 'ensemble'."}
+    arguments.__module__ = __name__
+    arguments.__doc__ = (
+        "Which network to build (or load): where its weights come from, and every [`CPSConfig`] field as an argument "
+        "of the same name and default (command line or config file)."
     )
-    backbone_kwargs: dict | None = field(
-        default=None, metadata={"help": "Extra timm.create_model arguments."}
-    )
-    share_backbone_initialization: bool = field(
-        default=True,
-        metadata={
-            "help": "Same initial backbone weights in every branch (paper); false: independent random draws."
-        },
-    )
+    return arguments
+
+
+ModelArguments = _make_model_arguments()
 
 
 @dataclass
@@ -92,7 +165,7 @@ class DataArguments:
     """Where the images and masks come from and how they are split and augmented."""
 
     dataset_name: str = field(
-        default="synthetic",
+        default=SYNTHETIC_DATASET_NAME,
         metadata={"help": "'synthetic' (built in), a save_to_disk/parquet/imagefolder folder, or a Hub id."},
     )
     image_column: str = field(default="image", metadata={"help": "Image column."})
@@ -186,22 +259,39 @@ def crop_size_pair(crop_size: int | Sequence[int]) -> list[int]:
 
 def parse_experiment_arguments(
     argv: list[str] | None = None,
-) -> tuple[ModelArguments, DataArguments, CPSTrainingArguments, Path]:
+) -> tuple[ModelArguments, DataArguments, CPSTrainingArguments, Path | None]:
     """Parses `[CONFIG.yaml|CONFIG.json] [--field value ...]`: the config file's values are the defaults, command-line
-    flags override them. Without a config file the built-in demo config is the base."""
+    flags override them. Without a config file, the built-in demo config is the base of a run on the built-in
+    synthetic data only; a run on any other `--dataset_name` starts from the library's defaults (the paper's
+    network, optimiser and schedule, the Trainer's checkpointing, no overwriting).
+
+    Returns:
+        The model, data and training arguments, and the config file used as the base (`None`: library defaults).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = DEFAULT_CONFIG
+    config_path = None
     if argv and not argv[0].startswith("-"):
         config_path = Path(argv.pop(0))
+    elif names_synthetic_dataset(argv):
+        config_path = DEFAULT_CONFIG
     parser = HfArgumentParser((ModelArguments, DataArguments, CPSTrainingArguments))
-    config_values = load_config_file(config_path)
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(set(config_values) - known)
-    if unknown:
-        raise ValueError(f"Unknown keys in {config_path}: {unknown}.")
-    parser.set_defaults(**config_values)
+    if config_path is not None:
+        config_values = load_config_file(config_path)
+        known = {action.dest for action in parser._actions}
+        unknown = sorted(set(config_values) - known)
+        if unknown:
+            raise ValueError(f"Unknown keys in {config_path}: {unknown}.")
+        parser.set_defaults(**config_values)
     model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return model_args, data_args, training_args, config_path
+
+
+def names_synthetic_dataset(argv: Sequence[str]) -> bool:
+    """Whether command-line arguments leave `--dataset_name` at (or set it to) the built-in synthetic data."""
+    peek = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    peek.add_argument("--dataset_name", "--dataset-name", default=SYNTHETIC_DATASET_NAME)
+    known, _ = peek.parse_known_args(argv)
+    return known.dataset_name == SYNTHETIC_DATASET_NAME
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -224,7 +314,7 @@ def resolve_class_names(data_args: DataArguments, train_dataset: datasets.Datase
     names = None
     if data_args.class_names:
         names = list(data_args.class_names)
-    elif data_args.dataset_name in (None, "synthetic"):
+    elif data_args.dataset_name in (None, SYNTHETIC_DATASET_NAME):
         names = list(SYNTHETIC_CLASS_NAMES)
     else:
         names = dataset_class_names(train_dataset)
@@ -255,25 +345,7 @@ def build_model(
                 f"{dataset_name!r} has {len(class_names)} ({class_names})."
             )
         return model
-    multi_grid = model_args.multi_grid if model_args.multi_grid and 0 not in model_args.multi_grid else None
-    inference_branch = (
-        "ensemble" if model_args.inference_branch == "ensemble" else int(model_args.inference_branch)
-    )
-    config = CPSConfig(
-        backbone=model_args.backbone,
-        backbone_kwargs=model_args.backbone_kwargs,
-        output_stride=model_args.output_stride,
-        multi_grid=multi_grid,
-        aspp_dilation_rates=model_args.aspp_dilation_rates,
-        aspp_channels=model_args.aspp_channels,
-        low_level_channels=model_args.low_level_channels,
-        decoder_channels=model_args.decoder_channels,
-        num_branches=model_args.num_branches,
-        inference_branch=inference_branch,
-        share_backbone_initialization=model_args.share_backbone_initialization,
-        id2label=id2label,
-        label2id=label2id,
-    )
+    config = CPSConfig(**model_args.config_values(), id2label=id2label, label2id=label2id)
     if model_args.pretrained_backbone or model_args.pretrained_backbone_file:
         return CPSForSemanticSegmentation.from_timm_pretrained(config, model_args.pretrained_backbone_file)
     return CPSForSemanticSegmentation(config)
@@ -295,7 +367,7 @@ def build_data(
     data_args: DataArguments, training_args: CPSTrainingArguments, backbone: str
 ) -> ExperimentData:
     synthetic_kwargs = {}
-    if data_args.dataset_name in (None, "synthetic"):
+    if data_args.dataset_name in (None, SYNTHETIC_DATASET_NAME):
         synthetic_kwargs = dict(
             num_train=data_args.synthetic_num_train,
             num_val=data_args.synthetic_num_val,
@@ -304,7 +376,7 @@ def build_data(
     dataset_dict = load_segmentation_dataset(
         data_args.dataset_name, cache_dir=data_args.cache_dir, **synthetic_kwargs
     )
-    dataset_name = data_args.dataset_name or "synthetic"
+    dataset_name = data_args.dataset_name or SYNTHETIC_DATASET_NAME
     train_split = get_split(dataset_dict, data_args.train_split, dataset_name)
     check_columns(
         train_split, data_args.image_column, data_args.label_column, data_args.train_split, dataset_name
@@ -461,10 +533,10 @@ def split_record(
 def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None:
     """The checkpoint a training run continues from, checked before anything is loaded or written.
 
-    An explicit `--resume_from_checkpoint` must be complete (see [`~cps_hf.checkpointing.checkpoint_problems`]).
-    Otherwise the latest complete checkpoint in `output_dir` is used, skipping incomplete ones with a warning. An
-    `output_dir` holding a trained model or only incomplete checkpoints is never overwritten without
-    `--overwrite_output_dir true`.
+    An explicit `--resume_from_checkpoint` must be complete (see [`~cps_hf.checkpointing.checkpoint_problems`]). An
+    `output_dir` holding a finished run's model is never trained into again without `--overwrite_output_dir true`.
+    Otherwise the latest complete checkpoint in `output_dir` is used (an interrupted run resumes), skipping incomplete
+    ones with a warning; an `output_dir` holding only incomplete checkpoints is not overwritten either.
 
     Raises:
         ValueError: for an incomplete explicit checkpoint, or an `output_dir` that would be overwritten.
@@ -483,6 +555,15 @@ def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None
     output_dir = Path(training_args.output_dir)
     if not output_dir.is_dir():
         return None
+    finished = any(
+        (output_dir / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")
+    )
+    if finished and not training_args.overwrite_output_dir:
+        raise ValueError(
+            f"{output_dir} already holds a trained model (a finished run); pass --overwrite_output_dir true to train "
+            "into it again, --resume_from_checkpoint with one of its checkpoints to continue training, or another "
+            "--output_dir."
+        )
     last_checkpoint = last_complete_checkpoint(output_dir)
     if last_checkpoint is not None:
         logger.warning(f"Resuming from the latest complete checkpoint in {output_dir}: {last_checkpoint}.")
@@ -494,10 +575,6 @@ def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None
             f"{output_dir} holds checkpoints but none of them is complete (see the warnings above); pass "
             "--overwrite_output_dir true to start afresh (they are replaced as the new run saves its own) or "
             "another --output_dir."
-        )
-    if (output_dir / "model.safetensors").exists():
-        raise ValueError(
-            f"{output_dir} already holds a trained model; pass --overwrite_output_dir true or another --output_dir."
         )
     return None
 
@@ -543,7 +620,12 @@ def run_experiment(
         results.update(eval_metrics)
     if trainer.is_world_process_zero():
         recipe = {
-            "model": asdict(model_args),
+            # As run: the config fields hold the model's own values (what "auto" and `None` resolved to, or a
+            # loaded model's configuration), not the requested ones.
+            "model": {
+                **asdict(model_args),
+                **{name: getattr(model.config, name) for name in MODEL_CONFIG_FIELDS},
+            },
             "data": asdict(data_args),
             "num_labeled": data.num_labeled,
             "num_unlabeled": data.num_unlabeled,
@@ -590,10 +672,13 @@ def run_experiment(
 
 
 __all__ = [
+    "MODEL_CONFIG_FIELDS",
     "DataArguments",
     "ModelArguments",
+    "ModelSourceArguments",
     "build_data",
     "build_model",
+    "names_synthetic_dataset",
     "parse_experiment_arguments",
     "resolve_resume_checkpoint",
     "run_experiment",

@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from transformers.utils import logging
 
 from .configuration_cps import CPSConfig
+from .synthetic import SYNTHETIC_DATASET_NAME
 
 logger = logging.get_logger(__name__)
 
@@ -24,7 +25,6 @@ MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent / "templates" / "model_car
 RECIPE_FILE_NAME = "cps_recipe.json"
 # The Trainer writes the final evaluation to both; `eval_results.json` is read first.
 TRAINER_RESULTS_FILE_NAMES = ("eval_results.json", "all_results.json")
-SYNTHETIC_DATASET_NAME = "synthetic"
 # Hub task id, so the results attach to the pipeline tag's task; the name says which sub-task.
 TASK_TYPE, TASK_NAME = "image-segmentation", "Semantic Segmentation"
 CARD_TAGS = (
@@ -374,6 +374,16 @@ def base_model_id(recipe: Mapping[str, Any] | None, backbone: str) -> str | None
         return None
 
 
+def backbone_initialization_text(recipe: Mapping[str, Any], config: CPSConfig) -> str:
+    """How the branches' backbones started: the same weights in each (shared) or one random draw per branch."""
+    model_recipe = recipe.get("model", {})
+    if model_recipe.get("pretrained_backbone") or model_recipe.get("pretrained_backbone_file"):
+        return "the same ImageNet weights in every branch"
+    if config.share_backbone_initialization:
+        return "one random draw, copied into every branch (`share_backbone_initialization`)"
+    return "an independent random draw per branch"
+
+
 def variant_name(recipe: Mapping[str, Any] | None, num_branches: int) -> str:
     training = (recipe or {}).get("training", {})
     if training.get("supervised_only"):
@@ -416,6 +426,8 @@ def recipe_rows(
         rows.append(("backbone weights", f"ImageNet (`{base_model_id(recipe, config.backbone)}`)"))
     else:
         rows.append(("backbone weights", "none: trained from scratch"))
+    if not model_recipe.get("model_name_or_path") and config.share_backbone_initialization is not None:
+        rows.append(("backbone initialisation", backbone_initialization_text(recipe, config)))
 
     dataset_name = str(data.get("dataset_name") or SYNTHETIC_DATASET_NAME)
     dataset_text = f"{dataset_display_name(dataset_name, dataset_ids)}, split `{data.get('train_split')}`"

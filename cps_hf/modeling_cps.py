@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
 
-from .configuration_cps import CPSConfig
+from .configuration_cps import PAPER_MULTI_GRID, CPSConfig
 from .losses import supervised_cross_entropy
 
 logger = logging.get_logger(__name__)
@@ -79,17 +79,53 @@ def create_timm_backbone(
         raise ValueError(
             f"DeepLabv3+ needs a stride-4 feature map, but backbone {config.backbone!r} only offers strides {reductions}."
         )
+    if config.multi_grid == "auto":
+        # Resolved against the first backbone built and stored in the config: the other branches, the pretrained
+        # copy and a saved model then use the same dilations.
+        config.multi_grid = automatic_multi_grid(backbone, config)
     if config.multi_grid is not None:
         apply_multi_grid(backbone, config)
     use_integer_same_padding(backbone)
     return backbone
 
 
-def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
-    """Gives block `i` of the last stage dilation `(32 // output_stride) * multi_grid[i]` on its 3x3 convolutions."""
+def _last_stage_blocks(backbone: nn.Module) -> list[nn.Module]:
     last_stage_name = backbone.feature_info.module_name()[-1].replace(".", "_")
     last_stage = dict(backbone.named_children()).get(last_stage_name)
-    blocks = list(last_stage.children()) if last_stage is not None else []
+    return list(last_stage.children()) if last_stage is not None else []
+
+
+def _spatial_convs(block: nn.Module) -> list[nn.Conv2d]:
+    """The plain stride-1 3x3 convolutions of a block, those multi-grid dilates."""
+    return [
+        module
+        for module in block.modules()
+        if type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
+    ]
+
+
+def automatic_multi_grid(backbone: nn.Module, config: CPSConfig) -> list[int] | None:
+    """What `multi_grid="auto"` means for `backbone`: the paper's `[1, 2, 4]` for a dilated backbone whose last
+    stage has three blocks with plain 3x3 convolutions (the ResNet-50/101 family), `None` (logged) otherwise."""
+    blocks = _last_stage_blocks(backbone)
+    if config.output_stride is None:
+        reason = "it keeps its native strides (`output_stride=None`)"
+    elif len(blocks) != len(PAPER_MULTI_GRID):
+        reason = f"its last stage has {len(blocks)} block(s), not {len(PAPER_MULTI_GRID)}"
+    elif not all(_spatial_convs(block) for block in blocks):
+        reason = "its last-stage blocks have no plain 3x3 convolutions"
+    else:
+        return list(PAPER_MULTI_GRID)
+    logger.info(
+        f"`multi_grid='auto'`: no multi-grid for backbone {config.backbone!r} ({reason}); timm's dilations are kept. "
+        f"The paper's {list(PAPER_MULTI_GRID)} applies to ResNets with three last-stage blocks (resnet50s, ...)."
+    )
+    return None
+
+
+def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
+    """Gives block `i` of the last stage dilation `(32 // output_stride) * multi_grid[i]` on its 3x3 convolutions."""
+    blocks = _last_stage_blocks(backbone)
     if len(blocks) != len(config.multi_grid):
         raise ValueError(
             f"`multi_grid={list(config.multi_grid)}` needs one rate per block of the last stage, but backbone "
@@ -97,11 +133,7 @@ def apply_multi_grid(backbone: nn.Module, config: CPSConfig) -> None:
         )
     base_dilation = 32 // config.output_stride
     for block_index, (block, multiplier) in enumerate(zip(blocks, config.multi_grid)):
-        spatial_convs = [
-            module
-            for module in block.modules()
-            if type(module) is nn.Conv2d and module.kernel_size == (3, 3) and module.stride == (1, 1)
-        ]
+        spatial_convs = _spatial_convs(block)
         if not spatial_convs:
             raise ValueError(
                 f"`multi_grid` supports backbones whose last-stage blocks use plain 3x3 convolutions (ResNet family); "
@@ -405,8 +437,9 @@ class CPSPreTrainedModel(PreTrainedModel):
 class CPSForSemanticSegmentation(CPSPreTrainedModel):
     r"""
     Cross Pseudo Supervision model: `config.num_branches` independent DeepLabv3+ networks of identical structure.
-    All branches start from the same backbone weights and from independently initialised heads; the branches
-    share no module. `forward` runs every branch (or one, with `branch_index`) and returns
+    The heads are initialised independently; the backbones start from the same weights when they are pretrained
+    (the paper) and from independent random draws otherwise (see `config.share_backbone_initialization`). The
+    branches share no module. `forward` runs every branch (or one, with `branch_index`) and returns
     [`CPSSemanticSegmenterOutput`] whose `logits` come from `config.inference_branch` or the ensemble.
 
     Use [`~CPSForSemanticSegmentation.from_timm_pretrained`] to start from ImageNet backbone weights.
@@ -426,6 +459,14 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
 
     def __init__(self, config: CPSConfig):
         super().__init__(config)
+        if config.share_backbone_initialization is None:
+            # A random backbone copied into every branch makes the branches start too alike: from scratch, each
+            # branch keeps its own draw. (`from_timm_pretrained` decides `True` before building.)
+            config.share_backbone_initialization = False
+            logger.info(
+                "`share_backbone_initialization=None` with a randomly initialised backbone: every branch keeps its "
+                "own random backbone draw (set it to True for one shared draw)."
+            )
         self.branches = nn.ModuleList([CPSDeepLabV3PlusBranch(config) for _ in range(config.num_branches)])
         if config.share_backbone_initialization:
             self._share_backbone_initialisation()
@@ -444,7 +485,7 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
     ) -> CPSForSemanticSegmentation:
         """
         Builds a new model whose every branch starts from the timm backbone's ImageNet weights (heads still
-        initialised independently per branch).
+        initialised independently per branch). `config.share_backbone_initialization=None` becomes `True`.
 
         Args:
             config (`CPSConfig`):
@@ -453,6 +494,8 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
                 A local weights file for the backbone (anything timm's `pretrained_cfg_overlay=dict(file=...)`
                 loads). Without it the weights are downloaded through timm from the Hugging Face Hub.
         """
+        if config.share_backbone_initialization is None:
+            config.share_backbone_initialization = True
         model = cls(config)
         pretrained_state = load_pretrained_backbone_state(config, pretrained_file)
         for branch in model.branches:

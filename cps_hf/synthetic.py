@@ -54,6 +54,8 @@ __all__ = [
     "synthetic_sample",
 ]
 
+# The `dataset_name` of the built-in generated dataset.
+SYNTHETIC_DATASET_NAME = "synthetic"
 SYNTHETIC_CLASS_NAMES: tuple[str, ...] = (
     "background",
     "striped_disc",

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast
+from timm.layers import convert_sync_batchnorm
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
@@ -331,7 +332,7 @@ class CPSTrainer(Trainer):
         self.add_callback(EpochForwardingCallback(self))
         if self.args.world_size > 1 and self.args.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
-            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            use_sync_batchnorm(self.model)
 
     def _get_dataloader(
         self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
@@ -551,6 +552,15 @@ class CPSTrainer(Trainer):
         super().log(logs, start_time)
 
 
+def use_sync_batchnorm(model: nn.Module) -> None:
+    """Replaces, in place, every BatchNorm layer below `model` by its synchronised version, keeping parameters and
+    running statistics. timm's fused norm + activation layers (`BatchNormAct2d`, in EfficientNet, RegNet, ... backbones)
+    become `SyncBatchNormAct` with their activation: `nn.SyncBatchNorm.convert_sync_batchnorm` would turn them into a
+    plain `SyncBatchNorm` and silently drop the activation."""
+    # Children are replaced in place; `model` itself (a model, never a norm layer) is returned unchanged.
+    convert_sync_batchnorm(model)
+
+
 def _checkpoint_step(path: Path) -> int:
     try:
         return int(path.name.split("-")[-1])
@@ -573,4 +583,5 @@ __all__ = [
     "cutmix_forward",
     "predictions_from_logits",
     "teacher_mode",
+    "use_sync_batchnorm",
 ]

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from cps_hf import CPSConfig, CPSForSemanticSegmentation
 from cps_hf.benchmarking import (
@@ -55,20 +56,30 @@ def make_batches(num_steps: int, same_unlabeled_images: bool = False) -> list[di
     return batches
 
 
+def official_network_copy(model: CPSForSemanticSegmentation) -> CPSForSemanticSegmentation:
+    """The same weights in the official network, which computes every dilated-convolution tap, also those that
+    only read zero padding."""
+    reference = CPSForSemanticSegmentation(
+        CPSConfig(**{**model.config.to_dict(), "skip_padding_taps": False})
+    )
+    reference.load_state_dict(model.state_dict())
+    return reference.train()
+
+
+def sgd(model: nn.Module, fused: bool) -> torch.optim.SGD:
+    """The benchmark's optimizer."""
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fused)
+
+
 def train(model, batches, fast: bool, **fast_options):
     """Runs the steps from a copy of `model` (SGD as the benchmark); returns the step outputs and final state."""
     if fast:
-        model = copy.deepcopy(model)
-    else:
-        # The official network computes every dilated-convolution tap, also those that only read zero padding.
-        reference = CPSForSemanticSegmentation(
-            CPSConfig(**{**model.config.to_dict(), "skip_padding_taps": False})
+        model = prepare_model_for_fast_step(
+            copy.deepcopy(model), channels_last=fast_options.get("channels_last", True)
         )
-        reference.load_state_dict(model.state_dict())
-        model = reference.train()
-    if fast:
-        prepare_model_for_fast_step(model, channels_last=fast_options.get("channels_last", True))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4, fused=fast)
+    else:
+        model = official_network_copy(model)
+    optimizer = sgd(model, fused=fast)
     outputs = []
     for batch in batches:
         if fast:
@@ -78,23 +89,65 @@ def train(model, batches, fast: bool, **fast_options):
     return outputs, model.state_dict()
 
 
+def take_over_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    source: nn.Module,
+    source_optimizer: torch.optim.Optimizer,
+) -> None:
+    """Gives `model` the weights, buffers and momentum of `source`, each in `model`'s own memory layout."""
+    model.load_state_dict(source.state_dict())
+    for parameter, source_parameter in zip(model.parameters(), source.parameters()):
+        if source_parameter in source_optimizer.state:
+            momentum = source_optimizer.state[source_parameter]["momentum_buffer"]
+            optimizer.state[parameter]["momentum_buffer"] = torch.empty_like(parameter).copy_(momentum)
+
+
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_default_fast_step_learns_what_the_reference_step_learns(initial_model, channels_last):
-    # Two steps, so the second also checks the momentum buffers and the BatchNorm running statistics of step one.
-    batches = make_batches(2)
-    reference_outputs, reference_state = train(initial_model, batches, fast=False)
-    fast_outputs, fast_state = train(
-        initial_model, batches, fast=True, dtype=torch.float32, channels_last=channels_last
-    )
-    # Same computation, possibly other convolution kernels (channels-last): float reassociation only.
-    for reference, fast in zip(reference_outputs, fast_outputs):
+    reference = official_network_copy(initial_model)
+    reference_optimizer = sgd(reference, fused=False)
+    fast = prepare_model_for_fast_step(copy.deepcopy(initial_model), channels_last=channels_last)
+    fast_optimizer = sgd(fast, fused=True)
+    # Two steps, so the second also uses the momentum buffers and BatchNorm running statistics of step one. Both
+    # steps start from the reference's state: compared over several free-running steps, rounding differences of
+    # step one flip near-tie pseudo-labels and ReLU/max-pool decisions in step two (measured: CPS loss off by
+    # 3e-4 on an AVX2 CPU, one bias update off by 5%), which says nothing about the step's computation.
+    for batch in make_batches(2):
+        take_over_state(fast, fast_optimizer, reference, reference_optimizer)
+        before = {name: tensor.clone() for name, tensor in reference.state_dict().items()}
+        reference_output = reference_cutmix_step(reference, batch, reference_optimizer, CPS_WEIGHT)
+        fast_output = fast_cutmix_step(
+            fast, batch, fast_optimizer, CPS_WEIGHT, dtype=torch.float32, channels_last=channels_last
+        )
+        # Same computation from the same state, possibly other convolution kernels (channels-last): the losses
+        # differ by float reassociation only, a few units in the last place per layer (measured <= 1e-6 relative).
+        # The pseudo-labels are argmaxes and stay the same: a flip needs a tie to within that rounding.
         for name in ("loss", "supervised_loss", "cps_loss"):
-            torch.testing.assert_close(getattr(fast, name), getattr(reference, name), rtol=1e-5, atol=1e-5)
-    assert fast_state.keys() == reference_state.keys()
-    for name, reference_tensor in reference_state.items():
-        torch.testing.assert_close(fast_state[name], reference_tensor, rtol=1e-4, atol=1e-4, msg=name)
+            torch.testing.assert_close(
+                getattr(fast_output, name), getattr(reference_output, name), rtol=1e-5, atol=0, msg=name
+            )
+        reference_state, fast_state = reference.state_dict(), fast.state_dict()
+        assert fast_state.keys() == reference_state.keys()
+        for name, reference_tensor in reference_state.items():
+            reference_update = reference_tensor - before[name]
+            fast_update = fast_state[name] - before[name]
+            if not reference_tensor.is_floating_point():
+                assert torch.equal(fast_update, reference_update), name
+                continue
+            # Each update (gradient step, BatchNorm statistics) sums over every pixel of the batch: in another order
+            # a sum of n terms moves by up to ~n * 2^-24 of the sum of their magnitudes (n ~ 10^4 here), and
+            # BatchNorm's backward subtracts means, so the result can be far smaller than those magnitudes. The
+            # bound is therefore relative to the tensor's largest update: 1% of it (measured up to 0.2%).
+            torch.testing.assert_close(
+                fast_update,
+                reference_update,
+                rtol=0,
+                atol=1e-2 * float(reference_update.abs().max()),
+                msg=name,
+            )
     assert not torch.equal(
-        reference_state["branches.0.classifier.weight"], initial_model.branches[0].classifier.weight
+        reference.branches[0].classifier.weight, initial_model.branches[0].classifier.weight
     )
 
 

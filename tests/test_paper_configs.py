@@ -124,7 +124,7 @@ def test_paper_config_carries_the_recipe(dataset, backbone, split, variant):
         256,
     )
     assert model_args.num_branches == 2
-    assert model_args.inference_branch == "0"
+    assert model_args.inference_branch == 0
     assert model_args.share_backbone_initialization is True
 
     assert data_args.dataset_name == f"data/{dataset}"
@@ -132,7 +132,7 @@ def test_paper_config_carries_the_recipe(dataset, backbone, split, variant):
     assert data_args.labeled_ids_file == f"data/splits/{dataset}/train_aug_labeled_{split}.txt"
     assert data_args.labeled_fraction is None and data_args.labeled_count is None
     assert data_args.num_labels == NUM_LABELS[dataset]
-    assert data_args.crop_size == CROP_SIZE[dataset]
+    assert data_args.crop_size == [CROP_SIZE[dataset]] * 2
     assert data_args.scales == [0.5, 0.75, 1.0, 1.5, 1.75, 2.0]
 
     assert training_args.supervised_only is (variant == "supervised")
@@ -197,7 +197,7 @@ def test_paper_config_runs_end_to_end_on_a_stand_in(tmp_path, stand_in_dataset, 
         *("--dataset_name", str(dataset_dir), "--labeled_ids_file", str(labeled_list)),
         # The stand-in names its own classes; the config's 19/21 would (rightly) be refused as a mismatch.
         *("--num_labels", str(len(SYNTHETIC_CLASS_NAMES))),
-        *("--backbone", "test_resnet", "--pretrained_backbone", "false", "--multi_grid", "0"),
+        *("--backbone", "test_resnet", "--pretrained_backbone", "false", "--multi_grid", "null"),
         *("--crop_size", "32", "--per_device_train_batch_size", "2", "--dataloader_num_workers", "0"),
         *("--max_steps", "2", "--eval_steps", "2", "--save_steps", "2", "--logging_steps", "1"),
         *("--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--disable_tqdm", "true"),

@@ -1,16 +1,21 @@
+import copy
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import tiny_synthetic_config
 from safetensors.torch import load_file
+from timm.layers import BatchNormAct2d
+from timm.layers.norm_act import SyncBatchNormAct
 from torch import nn
+from transformers import HfArgumentParser
 
-from cps_hf import CPSForSemanticSegmentation
+from cps_hf import CPSConfig, CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset, collate_semi_supervised
-from cps_hf.experiment import parse_experiment_arguments, run_experiment
+from cps_hf.experiment import MODEL_CONFIG_FIELDS, ModelArguments, parse_experiment_arguments, run_experiment
 from cps_hf.losses import (
     cross_pseudo_supervision_loss,
     kept_pseudo_label_fraction,
@@ -19,7 +24,7 @@ from cps_hf.losses import (
 )
 from cps_hf.masking import mix_with_mask
 from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
-from cps_hf.trainer import CPSTrainer, CPSTrainingArguments
+from cps_hf.trainer import CPSTrainer, CPSTrainingArguments, use_sync_batchnorm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
@@ -324,7 +329,7 @@ def experiment_argv(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]
         "--backbone",
         "test_resnet",
         "--multi_grid",
-        "0",
+        "null",
         "--aspp_channels",
         "16",
         "--decoder_channels",
@@ -356,7 +361,7 @@ def test_experiment_saves_loadable_model_results_and_card(tmp_path, synthetic_ca
     model_args, data_args, training_args, _ = parse_experiment_arguments(
         experiment_argv(output_dir, synthetic_cache)
     )
-    assert model_args.multi_grid == [0]
+    assert model_args.multi_grid is None
     results = run_experiment(model_args, data_args, training_args)
     for name in (
         "model.safetensors",
@@ -380,6 +385,10 @@ def test_experiment_saves_loadable_model_results_and_card(tmp_path, synthetic_ca
     assert (split["method"], split["split_seed"], split["num_labeled"]) == ("fraction", 0, 4)
     assert split["fingerprint"] == recipe["split_fingerprint"]
     assert "random fraction 0.25 of the split, seed 0" in card and f"`{split['fingerprint']}`" in card
+    # Trained from scratch: independent backbone draws per branch, resolved, recorded and stated in the card.
+    assert loaded.config.share_backbone_initialization is False
+    assert recipe["model"]["share_backbone_initialization"] is False
+    assert "| backbone initialisation | an independent random draw per branch |" in card
 
 
 def test_config_file_with_cli_overrides(tmp_path, synthetic_cache):
@@ -526,3 +535,101 @@ def test_cps_weight_warmup_ramps_lambda_linearly(tmp_path, synthetic_splits):
     torch.testing.assert_close(loss, terms["loss_supervised_branch_0"] + terms["loss_supervised_branch_1"])
     with pytest.raises(ValueError, match="cps_weight_warmup_steps"):
         training_arguments(tmp_path, cps_weight_warmup_steps=-1)
+
+
+def test_sync_batchnorm_keeps_the_activation_of_timm_norm_act_layers():
+    torch.manual_seed(0)
+    config = CPSConfig(
+        backbone="test_efficientnet",
+        num_labels=3,
+        multi_grid=None,
+        aspp_channels=8,
+        low_level_channels=4,
+        decoder_channels=8,
+    )
+    model = CPSForSemanticSegmentation(config).train()
+    norm_act_count = sum(isinstance(module, BatchNormAct2d) for module in model.modules())
+    assert norm_act_count > 0
+    model(torch.randn(2, 3, 32, 32))  # running statistics away from their initial values
+    model.eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(pixel_values).logits
+    plain_conversion = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model)).eval()
+
+    use_sync_batchnorm(model)
+
+    assert sum(isinstance(module, SyncBatchNormAct) for module in model.modules()) == norm_act_count
+    assert not any(type(module) in (nn.BatchNorm2d, BatchNormAct2d) for module in model.modules())
+    with torch.no_grad():
+        # In evaluation a synchronised BatchNorm is the same normalisation with the same statistics.
+        torch.testing.assert_close(model(pixel_values).logits, expected, rtol=0, atol=0)
+        # What this guards against: torch's own conversion drops the activations of the norm + act layers.
+        assert not torch.allclose(plain_conversion(pixel_values).logits, expected, atol=1e-3)
+
+
+# One non-default value per CPSConfig field; a new field must be added here (the test checks the list is complete).
+NON_DEFAULT_MODEL_CONFIG = {
+    "backbone": "test_resnet",
+    "backbone_kwargs": {"layers": [1, 1, 1, 2]},
+    "output_stride": 8,
+    "multi_grid": [1, 2],
+    "aspp_dilation_rates": [3, 6, 9],
+    "aspp_channels": 12,
+    "low_level_channels": 6,
+    "decoder_channels": 10,
+    "fuse_feature_pyramid": True,
+    "leaky_relu_slope": 0.2,
+    "batch_norm_eps": 1e-3,
+    "batch_norm_momentum": 0.05,
+    "num_branches": 3,
+    "inference_branch": "ensemble",
+    "share_backbone_initialization": True,
+    "head_init": "normal",
+    "skip_padding_taps": False,
+    "initializer_range": 0.05,
+    "semantic_loss_ignore_index": 254,
+}
+
+
+def command_line_words(value) -> list[str]:
+    if isinstance(value, list):
+        return [str(item) for item in value]
+    if isinstance(value, dict):
+        return [json.dumps(value)]
+    return [str(value).lower() if isinstance(value, bool) else str(value)]
+
+
+@pytest.mark.parametrize("source", ["command line", "config file"])
+def test_every_model_config_field_is_an_argument(tmp_path, source):
+    assert set(NON_DEFAULT_MODEL_CONFIG) == set(MODEL_CONFIG_FIELDS) == set(CPSConfig.__annotations__)
+    defaults = CPSConfig(num_labels=3)
+    assert all(getattr(defaults, name) != value for name, value in NON_DEFAULT_MODEL_CONFIG.items())
+    argv = ["--labeled_fraction", "0.5"]
+    if source == "command line":
+        for name, value in NON_DEFAULT_MODEL_CONFIG.items():
+            argv += [f"--{name}", *command_line_words(value)]
+    else:
+        config_file = tmp_path / "experiment.yaml"
+        config_file.write_text(yaml.safe_dump(NON_DEFAULT_MODEL_CONFIG))
+        argv = [str(config_file), *argv]
+    model_args = parse_experiment_arguments(argv)[0]
+    config = CPSConfig(**model_args.config_values(), num_labels=3)
+    for name, value in NON_DEFAULT_MODEL_CONFIG.items():
+        assert getattr(config, name) == value, name
+    # Every argument says what it does: the config's own documentation of the field.
+    parser_help = {action.dest: action.help for action in HfArgumentParser(ModelArguments)._actions}
+    assert parser_help["head_init"].startswith("Initialisation of the head and classifier convolutions")
+    assert all(parser_help[name] for name in MODEL_CONFIG_FIELDS)
+
+
+def test_model_config_arguments_default_to_the_config_defaults():
+    model_args = ModelArguments()
+    defaults = CPSConfig(num_labels=3)
+    for name in MODEL_CONFIG_FIELDS:
+        default = getattr(defaults, name)
+        assert getattr(model_args, name) == (list(default) if isinstance(default, tuple) else default), name
+    assert (
+        parse_experiment_arguments(["--labeled_fraction", "0.5", "--multi_grid", "null"])[0].multi_grid
+        is None
+    )
