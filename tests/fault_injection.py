@@ -236,7 +236,17 @@ class FaultLab:
         try:
             self.train(
                 self.argv(
-                    output_dir, dataset, "--max_steps", "6", "--save_steps", "1", *extra, labeled=labeled
+                    output_dir,
+                    dataset,
+                    "--max_steps",
+                    "6",
+                    "--save_steps",
+                    "1",
+                    # Continuing a finished run is asked for explicitly (a plain restart refuses to train into it).
+                    "--resume_from_checkpoint",
+                    str(output_dir / "checkpoint-2"),
+                    *extra,
+                    labeled=labeled,
                 )
             )
         except Exception as raised:  # the outcome under test
