@@ -358,8 +358,11 @@ def experiment_argv(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]
 
 def test_experiment_saves_loadable_model_results_and_card(tmp_path, synthetic_cache):
     output_dir = tmp_path / "run"
+    # Not the demo config (the base without a config file, which pins a shared init): the library defaults.
+    config = tmp_path / "defaults.yaml"
+    config.write_text("pretrained_backbone: false\nshare_backbone_initialization: null\n")
     model_args, data_args, training_args, _ = parse_experiment_arguments(
-        experiment_argv(output_dir, synthetic_cache)
+        [str(config), *experiment_argv(output_dir, synthetic_cache)]
     )
     assert model_args.multi_grid is None
     results = run_experiment(model_args, data_args, training_args)
