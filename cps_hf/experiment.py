@@ -533,10 +533,10 @@ def split_record(
 def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None:
     """The checkpoint a training run continues from, checked before anything is loaded or written.
 
-    An explicit `--resume_from_checkpoint` must be complete (see [`~cps_hf.checkpointing.checkpoint_problems`]). An
-    `output_dir` holding a finished run's model is never trained into again without `--overwrite_output_dir true`.
-    Otherwise the latest complete checkpoint in `output_dir` is used (an interrupted run resumes), skipping incomplete
-    ones with a warning; an `output_dir` holding only incomplete checkpoints is not overwritten either.
+    An explicit `--resume_from_checkpoint` must be complete (see [`~cps_hf.checkpointing.checkpoint_problems`]).
+    Otherwise the latest complete checkpoint in `output_dir` is used, skipping incomplete ones with a warning. An
+    `output_dir` holding a trained model or only incomplete checkpoints is never overwritten without
+    `--overwrite_output_dir true`.
 
     Raises:
         ValueError: for an incomplete explicit checkpoint, or an `output_dir` that would be overwritten.
@@ -555,15 +555,6 @@ def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None
     output_dir = Path(training_args.output_dir)
     if not output_dir.is_dir():
         return None
-    finished = any(
-        (output_dir / name).exists() for name in ("model.safetensors", "model.safetensors.index.json")
-    )
-    if finished and not training_args.overwrite_output_dir:
-        raise ValueError(
-            f"{output_dir} already holds a trained model (a finished run); pass --overwrite_output_dir true to train "
-            "into it again, --resume_from_checkpoint with one of its checkpoints to continue training, or another "
-            "--output_dir."
-        )
     last_checkpoint = last_complete_checkpoint(output_dir)
     if last_checkpoint is not None:
         logger.warning(f"Resuming from the latest complete checkpoint in {output_dir}: {last_checkpoint}.")
@@ -575,6 +566,10 @@ def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None
             f"{output_dir} holds checkpoints but none of them is complete (see the warnings above); pass "
             "--overwrite_output_dir true to start afresh (they are replaced as the new run saves its own) or "
             "another --output_dir."
+        )
+    if (output_dir / "model.safetensors").exists():
+        raise ValueError(
+            f"{output_dir} already holds a trained model; pass --overwrite_output_dir true or another --output_dir."
         )
     return None
 

@@ -3,6 +3,7 @@ defaults: a run on the user's data never inherits the demo's settings nor overwr
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -117,16 +118,17 @@ def write_complete_checkpoint(checkpoint: Path, step: int) -> None:
         torch.save({}, checkpoint / name)
 
 
-def test_a_finished_run_is_not_trained_into_again_but_an_interrupted_one_resumes(tmp_path):
+def test_a_run_with_checkpoints_resumes_and_a_finished_model_alone_is_not_overwritten(tmp_path):
     output_dir = tmp_path / "run"
     write_complete_checkpoint(output_dir / "checkpoint-4", step=4)
     assert checkpoint_problems(output_dir / "checkpoint-4") == []
     argv = ["--dataset_name", "data/my_data", "--labeled_fraction", "0.5", "--output_dir", str(output_dir)]
-    # Interrupted (checkpoints, no final model): resumes from the latest complete checkpoint.
+    # Checkpoints (an interrupted run, or one continued to more steps): resumes from the latest complete one.
     assert resolve_resume_checkpoint(parse_experiment_arguments(argv)[2]) == str(output_dir / "checkpoint-4")
-    # Finished (a final model next to its checkpoints): refused, naming the way out.
+    # A final model and nothing to resume from: refused, naming the way out, since user data gets no overwriting.
+    shutil.rmtree(output_dir / "checkpoint-4")
     save_file({"weight": torch.zeros(1)}, output_dir / "model.safetensors")
-    with pytest.raises(ValueError, match="already holds a trained model .*--overwrite_output_dir true"):
+    with pytest.raises(ValueError, match="already holds a trained model; pass --overwrite_output_dir true"):
         resolve_resume_checkpoint(parse_experiment_arguments(argv)[2])
     overwrite = parse_experiment_arguments([*argv, "--overwrite_output_dir", "true"])[2]
-    assert resolve_resume_checkpoint(overwrite) == str(output_dir / "checkpoint-4")
+    assert resolve_resume_checkpoint(overwrite) is None
