@@ -388,10 +388,10 @@ def test_experiment_saves_loadable_model_results_and_card(tmp_path, synthetic_ca
     assert (split["method"], split["split_seed"], split["num_labeled"]) == ("fraction", 0, 4)
     assert split["fingerprint"] == recipe["split_fingerprint"]
     assert "random fraction 0.25 of the split, seed 0" in card and f"`{split['fingerprint']}`" in card
-    # The demo config's shared random backbone draw, recorded in the configuration, the recipe and the card.
-    assert loaded.config.share_backbone_initialization is True
-    assert recipe["model"]["share_backbone_initialization"] is True
-    assert "| backbone initialisation | one random draw, copied into every branch" in card
+    # Trained from scratch: independent backbone draws per branch, resolved, recorded and stated in the card.
+    assert loaded.config.share_backbone_initialization is False
+    assert recipe["model"]["share_backbone_initialization"] is False
+    assert "| backbone initialisation | an independent random draw per branch |" in card
 
 
 def test_config_file_with_cli_overrides(tmp_path, synthetic_cache):
