@@ -42,12 +42,8 @@ def assert_parity(model: CPSForSemanticSegmentation, path, branch) -> None:
         assert agreement >= 0.999, f"argmax agrees on {agreement:.4%} of the pixels at {shape}"
 
 
-@pytest.mark.parametrize(
-    ("export_format", "suffix", "branch"),
-    # The ensemble graph holds both branches; branch 1 checks that the chosen branch is the one exported.
-    [("onnx", "onnx", "ensemble"), ("torch_export", "pt2", 1)],
-)
-def test_demo_model_export_matches_pytorch_at_two_sizes(tmp_path, export_format, suffix, branch):
+def skip_without_onnx_tools(export_format: str) -> None:
+    """ONNX export needs onnxscript and the parity check onnxruntime (the `deploy` extra); torch.export needs neither."""
     if export_format == "onnx":
         pytest.importorskip(
             "onnxscript", reason="ONNX export needs onnxscript (pip install 'cps_hf[deploy]')"
@@ -55,6 +51,15 @@ def test_demo_model_export_matches_pytorch_at_two_sizes(tmp_path, export_format,
         pytest.importorskip(
             "onnxruntime", reason="ONNX parity needs onnxruntime (pip install 'cps_hf[deploy]')"
         )
+
+
+@pytest.mark.parametrize(
+    ("export_format", "suffix", "branch"),
+    # The ensemble graph holds both branches; branch 1 checks that the chosen branch is the one exported.
+    [("onnx", "onnx", "ensemble"), ("torch_export", "pt2", 1)],
+)
+def test_demo_model_export_matches_pytorch_at_two_sizes(tmp_path, export_format, suffix, branch):
+    skip_without_onnx_tools(export_format)
     torch.manual_seed(0)
     model = CPSForSemanticSegmentation(demo_config()).eval()
     path = export_model(model, tmp_path / f"model.{suffix}", export_format, branch=branch)
@@ -66,13 +71,7 @@ def test_demo_model_export_matches_pytorch_at_two_sizes(tmp_path, export_format,
 
 @pytest.mark.parametrize(("export_format", "suffix"), [("onnx", "onnx"), ("torch_export", "pt2")])
 def test_resnet50s_branch_export_matches_pytorch_at_two_sizes(tmp_path, export_format, suffix):
-    if export_format == "onnx":
-        pytest.importorskip(
-            "onnxscript", reason="ONNX export needs onnxscript (pip install 'cps_hf[deploy]')"
-        )
-        pytest.importorskip(
-            "onnxruntime", reason="ONNX parity needs onnxruntime (pip install 'cps_hf[deploy]')"
-        )
+    skip_without_onnx_tools(export_format)
     # The paper's branch (deep stem, output stride 16, multi-grid dilations 2/4/8, ASPP 6/12/18): at these sizes
     # the stride-16 maps are 3-6 pixels, so eager inference skips padding taps that the traced graph computes.
     torch.manual_seed(0)
@@ -156,13 +155,7 @@ def test_export_script_names_a_missing_model_folder_or_unreachable_hub_id(tmp_pa
 @pytest.mark.parametrize(("export_format", "suffix"), [("onnx", "onnx"), ("torch_export", "pt2")])
 def test_other_backbone_families_export(tmp_path, backbone, overrides, export_format, suffix):
     """Which timm families export (README, Deployment): random init, slim heads, the parity check above."""
-    if export_format == "onnx":
-        pytest.importorskip(
-            "onnxscript", reason="ONNX export needs onnxscript (pip install 'cps_hf[deploy]')"
-        )
-        pytest.importorskip(
-            "onnxruntime", reason="ONNX parity needs onnxruntime (pip install 'cps_hf[deploy]')"
-        )
+    skip_without_onnx_tools(export_format)
     torch.manual_seed(0)
     config = tiny_synthetic_config(backbone=backbone, **overrides)
     model = CPSForSemanticSegmentation(config).eval()

@@ -542,15 +542,7 @@ def test_cps_weight_warmup_ramps_lambda_linearly(tmp_path, synthetic_splits):
 
 def test_sync_batchnorm_keeps_the_activation_of_timm_norm_act_layers():
     torch.manual_seed(0)
-    config = CPSConfig(
-        backbone="test_efficientnet",
-        num_labels=3,
-        multi_grid=None,
-        aspp_channels=8,
-        low_level_channels=4,
-        decoder_channels=8,
-    )
-    model = CPSForSemanticSegmentation(config).train()
+    model = CPSForSemanticSegmentation(tiny_synthetic_config(backbone="test_efficientnet")).train()
     norm_act_count = sum(isinstance(module, BatchNormAct2d) for module in model.modules())
     assert norm_act_count > 0
     model(torch.randn(2, 3, 32, 32))  # running statistics away from their initial values
