@@ -67,6 +67,7 @@ __all__ = [
     "select_indices_from_ids_file",
     "select_labeled_indices",
     "set_dataset_class_names",
+    "size_pair",
     "split_fingerprint",
     "split_line_id",
     "write_id2label",
@@ -798,11 +799,18 @@ def _check_mask_values(mask: Tensor, num_labels: int, ignore_index: int, sample_
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (int(size), int(size)) if isinstance(size, int) else tuple(int(side) for side in size)
-    if len(pair) != 2 or min(pair) < 1:
+def size_pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
+    """`(height, width)` from one size (an int or a one-element sequence: a square) or a `(height, width)` pair.
+
+    Raises:
+        ValueError: naming `name`, for anything else or a side below 1.
+    """
+    sides = [size] if isinstance(size, int) else [int(side) for side in size]
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2 or min(sides) < 1:
         raise ValueError(f"`{name}` must be a positive int or a (height, width) pair, got {size!r}.")
-    return pair
+    return sides[0], sides[1]
 
 
 def _random_int(low: int, high: int, generator: torch.Generator | None) -> int:
@@ -931,7 +939,7 @@ class SegmentationTransform:
             raise ValueError(f"`eval_short_side` must be >= 1, got {eval_short_side}.")
 
         self.train = train
-        self.crop_size = _as_pair(crop_size, "crop_size") if crop_size is not None else None
+        self.crop_size = size_pair(crop_size, "crop_size") if crop_size is not None else None
         self.scales = scales
         self.scale_range = scale_range
         self.flip_probability = float(flip_probability)
@@ -939,7 +947,7 @@ class SegmentationTransform:
         self.std = tuple(float(value) for value in std)
         self.ignore_index = int(ignore_index)
         self.eval_short_side = eval_short_side
-        self.eval_size = _as_pair(eval_size, "eval_size") if eval_size is not None else None
+        self.eval_size = size_pair(eval_size, "eval_size") if eval_size is not None else None
         self.antialias = antialias
         self.pad_position = pad_position
         self._mean_tensor = torch.tensor(self.mean, dtype=torch.float32).view(3, 1, 1)

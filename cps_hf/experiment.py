@@ -35,6 +35,7 @@ from .data import (
     load_segmentation_dataset,
     select_indices_from_ids_file,
     select_labeled_indices,
+    size_pair,
     split_fingerprint,
 )
 from .hub import take_over_hub_push
@@ -232,7 +233,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        self.crop_size = crop_size_pair(self.crop_size)
+        self.crop_size = list(size_pair(self.crop_size, "crop_size"))
         if self.eval_split is not None and self.eval_split.lower() in ("", "none", "null"):
             self.eval_split = None
         chosen = [self.labeled_ids_file, self.labeled_fraction, self.labeled_count]
@@ -241,20 +242,6 @@ class DataArguments:
                 "Choose the labelled subset with exactly one of --labeled_ids_file, --labeled_fraction, "
                 f"--labeled_count (got {chosen})."
             )
-
-
-def crop_size_pair(crop_size: int | Sequence[int]) -> list[int]:
-    """`[height, width]` from one size (a square, as an int or a one-element list) or a `height width` pair.
-
-    Raises:
-        ValueError: for anything else, or a size below 1.
-    """
-    sizes = [crop_size] if isinstance(crop_size, int) else list(crop_size)
-    if len(sizes) not in (1, 2) or not all(isinstance(size, int) and size >= 1 for size in sizes):
-        raise ValueError(
-            f"`crop_size` must be one positive size or a `height width` pair, got {crop_size!r}."
-        )
-    return sizes * 2 if len(sizes) == 1 else sizes
 
 
 def parse_experiment_arguments(

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .data import collate_semi_supervised, decode_image
+from .data import collate_semi_supervised, decode_image, size_pair
 from .image_processing import backbone_normalization
 from .metrics import StreamingSegmentationMetric, class_pixel_shares, metrics_from_confusion_matrix
 from .modelcard import is_local_path
@@ -62,13 +62,6 @@ InferenceMode = Literal["whole", "slide"]
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _as_size_pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(int(side) for side in value)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"`{name}` must be a positive int or a (height, width) pair, got {value!r}.")
-    return pair
-
-
 @dataclass(frozen=True)
 class _Protocol:
     """A validated inference protocol."""
@@ -102,12 +95,12 @@ class _Protocol:
         if mode == "slide":
             if crop_size is None:
                 raise ValueError("mode='slide' needs a `crop_size` (e.g. 512 for VOC, 800 for Cityscapes).")
-            crop_pair = _as_size_pair(crop_size, "crop_size")
+            crop_pair = size_pair(crop_size, "crop_size")
             if stride is None:
                 # The paper's stride: ceil(2/3 * crop), i.e. windows overlap by about a third.
                 stride_pair = tuple(-(-2 * side // 3) for side in crop_pair)
             else:
-                stride_pair = _as_size_pair(stride, "stride")
+                stride_pair = size_pair(stride, "stride")
             if stride_pair[0] > crop_pair[0] or stride_pair[1] > crop_pair[1]:
                 raise ValueError(
                     f"`stride` {stride_pair} must not exceed `crop_size` {crop_pair}: the windows would leave gaps."
