@@ -170,7 +170,7 @@ def fast_cutmix_step(
     cps_weight: float,
     *,
     dtype: torch.dtype,
-    merge_teacher_batches: bool = False,
+    fused_forward: bool = False,
     channels_last: bool = False,
     teacher_channels_last: bool = True,
 ) -> CutMixStepOutput:
@@ -179,7 +179,7 @@ def fast_cutmix_step(
     the forward passes of [`~cps_hf.trainer.CPSTrainer`] ([`~cps_hf.trainer.cutmix_forward`]: every model call runs
     all branches, two no-grad teacher calls, one student call, one labelled call, so each branch's BatchNorm sees
     exactly the batches of the official step, in the same order), optional bfloat16 autocast, channels-last inputs, losses in fp32, no host synchronisation and
-    `zero_grad(set_to_none=True)`. In fp32 without `merge_teacher_batches` the loss and the updated weights equal
+    `zero_grad(set_to_none=True)`. In fp32 without `fused_forward` the loss and the updated weights equal
     the reference step's up to floating-point reassociation.
 
     Args:
@@ -193,12 +193,10 @@ def fast_cutmix_step(
             λ, the weight of the CPS loss.
         dtype (`torch.dtype`):
             `torch.float32`, or `torch.bfloat16` for bfloat16 autocast (CPU and CUDA) of the forward passes.
-        merge_teacher_batches (`bool`, *optional*, defaults to `False`):
-            Run the teacher passes on `u0` and `u1` concatenated, one call instead of two. This is *not* the
-            paper's step: in train mode BatchNorm then normalises the teacher outputs (hence the pseudo-labels) with
-            statistics over `2 * batch` images instead of `batch`, and updates its running statistics once with
-            them instead of twice. Off by default until shown to leave accuracy unchanged; the difference vanishes
-            when `u0` and `u1` hold the same images.
+        fused_forward (`bool`, *optional*, defaults to `False`):
+            The fused step (two model calls: teachers on `[u0 ; u1]`, students on `[labelled ; mixed]`; see
+            [`~cps_hf.trainer.cutmix_forward`]). Not the paper's step in train mode: BatchNorm then normalises over
+            the concatenations. With BatchNorm in eval mode it computes the reference step's losses.
         channels_last (`bool`, *optional*, defaults to `False`):
             Feed all images in `torch.channels_last` layout (layout only, same values).
         teacher_channels_last (`bool`, *optional*, defaults to `True`):
@@ -215,7 +213,7 @@ def fast_cutmix_step(
         forward = cutmix_forward(
             model,
             batch,
-            merge_teacher_batches=merge_teacher_batches,
+            fused_forward=fused_forward,
             memory_format=torch.channels_last if channels_last else None,
             teacher_memory_format=torch.channels_last if channels_last or teacher_channels_last else None,
         )
@@ -405,9 +403,11 @@ class BenchmarkArguments:
     )
     cps_weight: float = field(default=1.0, metadata={"help": "λ (CutMix VOC: 1.0)."})
     learning_rate: float = field(default=0.0025, metadata={"help": "SGD learning rate (momentum 0.9)."})
-    merge_teacher_batches: bool = field(
+    fused_forward: bool = field(
         default=False,
-        metadata={"help": "Fast step: one teacher call on u0+u1 (changes train-mode BatchNorm statistics)."},
+        metadata={
+            "help": "Fast step fused: teachers on [u0 ; u1], students on [labelled ; mixed] (BN over both)."
+        },
     )
     channels_last: bool = field(
         default=False, metadata={"help": "Fast step: channels-last layout of the whole model."}
@@ -514,7 +514,7 @@ def _build_step(
                 optimizer,
                 args.cps_weight,
                 dtype=DTYPES[args.dtype],
-                merge_teacher_batches=args.merge_teacher_batches,
+                fused_forward=args.fused_forward,
                 channels_last=args.channels_last,
                 teacher_channels_last=args.teacher_channels_last,
             )
@@ -713,7 +713,7 @@ def format_benchmark_table(report: Mapping[str, Any]) -> str:
     machine = report["machine"]
     lines.append(
         f"speedup {report['speedup']:.2f}x | {settings['backbone']} crop {settings['crop_size']} batch "
-        f"{settings['batch_size']}+{settings['batch_size']} | merge_teacher_batches={settings['merge_teacher_batches']} "
+        f"{settings['batch_size']}+{settings['batch_size']} | fused_forward={settings['fused_forward']} "
         f"channels_last={settings['channels_last']} compile={settings['compile']} | "
         f"{machine['device_name'] or machine['cpu_model']}, {machine['num_threads']} threads | "
         f"memory: {report['peak_memory_kind']}"

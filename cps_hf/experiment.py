@@ -619,7 +619,9 @@ def run_experiment(
                 for key in (
                     "cps_weight",
                     "cps_weight_warmup_steps",
+                    "cps_confidence_threshold",
                     "cutmix",
+                    "fused_forward",
                     "supervised_only",
                     "supervised_loss",
                     "pseudo_label_mode",

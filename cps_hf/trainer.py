@@ -78,8 +78,13 @@ def teacher_mode(model: nn.Module, pseudo_label_mode: str) -> Iterator[None]:
         model.train()
 
 
-def _laid_out(images: torch.Tensor, memory_format: torch.memory_format | None) -> torch.Tensor:
-    return images if memory_format is None else images.contiguous(memory_format=memory_format)
+def branch_logits(
+    model: nn.Module, pixel_values: torch.Tensor, memory_format: torch.memory_format | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Every branch's logits for one batch, from one (possibly DDP-wrapped) model call."""
+    if memory_format is not None:
+        pixel_values = pixel_values.contiguous(memory_format=memory_format)
+    return model(pixel_values=pixel_values, output_branch_logits=True).branch_logits
 
 
 def cutmix_forward(
@@ -88,15 +93,16 @@ def cutmix_forward(
     *,
     pseudo_label_mode: str = "train",
     confidence_threshold: float = 0.0,
-    merge_teacher_batches: bool = False,
+    fused_forward: bool = False,
     memory_format: torch.memory_format | None = None,
     teacher_memory_format: torch.memory_format | None = None,
 ) -> CutMixForwardOutput:
     """
-    The forward passes of one CutMix CPS step, in the official order, each model call running every branch:
-    no-grad teacher passes on the two unlabelled batches `u0` and `u1`, pseudo-labels from the box-mixed teacher
-    logits, then the students on the mixed images `u0 * (1 - m) + u1 * m`, then the labelled images. Used by
-    [`CPSTrainer`] and by the benchmark's fast step, so both run the same computation.
+    The forward passes of one CutMix CPS step, each model call running every branch. The paper's step, in the
+    official order: no-grad teacher passes on the two unlabelled batches `u0` and `u1`, pseudo-labels from the
+    box-mixed teacher logits, then the students on the mixed images `u0 * (1 - m) + u1 * m`, then the labelled
+    images. The fused step makes two calls instead of four: the teachers on `[u0 ; u1]`, the students on
+    `[labelled ; mixed]`. Used by [`CPSTrainer`] and by the benchmark's fast step, so both run the same computation.
 
     Args:
         model (`nn.Module`):
@@ -109,9 +115,11 @@ def cutmix_forward(
         confidence_threshold (`float`, *optional*, defaults to 0.0):
             Pseudo-label pixels whose mixed teacher confidence is below this are ignored (see
             [`~cps_hf.losses.pseudo_labels_from_logits`]); 0 is the paper.
-        merge_teacher_batches (`bool`, *optional*, defaults to `False`):
-            One teacher call on `u0` and `u1` also in `"train"` mode. Not the paper's step: train-mode BatchNorm
-            then normalises with statistics over both batches.
+        fused_forward (`bool`, *optional*, defaults to `False`):
+            The fused step. Not the paper's step when BatchNorm is in train mode: it then normalises over the
+            concatenated batches (teachers: `u0` and `u1` together; students: labelled and mixed images together)
+            and updates its running statistics once per call. With BatchNorm in eval mode both steps compute the
+            same logits.
         memory_format (`torch.memory_format`, *optional*):
             Layout of the student and labelled inputs (default: as given).
         teacher_memory_format (`torch.memory_format`, *optional*):
@@ -121,33 +129,62 @@ def cutmix_forward(
         [`CutMixForwardOutput`]
     """
     check_cutmix_inputs(inputs)
-    source_images, partner_images = inputs["unlabeled_pixel_values"], inputs["mix_unlabeled_pixel_values"]
-    masks = inputs["cutmix_masks"]
+    unlabeled_pixel_values = inputs["unlabeled_pixel_values"]
+    mix_unlabeled_pixel_values = inputs["mix_unlabeled_pixel_values"]
+    cutmix_masks = inputs["cutmix_masks"]
     with torch.no_grad(), teacher_mode(model, pseudo_label_mode):
-        if merge_teacher_batches or pseudo_label_mode == "eval":
-            both_images = _laid_out(torch.cat([source_images, partner_images]), teacher_memory_format)
-            merged = model(pixel_values=both_images, output_branch_logits=True).branch_logits
-            teacher_pairs = [logits.chunk(2) for logits in merged]
+        if fused_forward or pseudo_label_mode == "eval":
+            both_batches = torch.cat([unlabeled_pixel_values, mix_unlabeled_pixel_values])
+            teacher_pairs = [
+                logits.chunk(2) for logits in branch_logits(model, both_batches, teacher_memory_format)
+            ]
         else:
             # Train-mode BN normalises with batch statistics: keep the paper's two separate batches.
-            source_logits, partner_logits = (
-                model(
-                    pixel_values=_laid_out(images, teacher_memory_format), output_branch_logits=True
-                ).branch_logits
-                for images in (source_images, partner_images)
+            teacher_pairs = list(
+                zip(
+                    branch_logits(model, unlabeled_pixel_values, teacher_memory_format),
+                    branch_logits(model, mix_unlabeled_pixel_values, teacher_memory_format),
+                )
             )
-            teacher_pairs = list(zip(source_logits, partner_logits))
         pseudo_labels = [
-            pseudo_labels_from_logits(mix_with_mask(source, partner, masks), confidence_threshold)
-            for source, partner in teacher_pairs
+            pseudo_labels_from_logits(mix_with_mask(logits, mix_logits, cutmix_masks), confidence_threshold)
+            for logits, mix_logits in teacher_pairs
         ]
-    mixed_images = _laid_out(mix_with_mask(source_images, partner_images, masks), memory_format)
-    student_logits = model(pixel_values=mixed_images, output_branch_logits=True).branch_logits
-    labeled_images = _laid_out(inputs["pixel_values"], memory_format)
-    labeled_logits = model(pixel_values=labeled_images, output_branch_logits=True).branch_logits
+    mixed_pixel_values = mix_with_mask(unlabeled_pixel_values, mix_unlabeled_pixel_values, cutmix_masks)
+    labeled_pixel_values = inputs["pixel_values"]
+    if fused_forward:
+        sizes = [labeled_pixel_values.shape[0], mixed_pixel_values.shape[0]]
+        joint = branch_logits(model, torch.cat([labeled_pixel_values, mixed_pixel_values]), memory_format)
+        labeled_logits, student_logits = zip(*(logits.split(sizes) for logits in joint))
+    else:
+        student_logits = branch_logits(model, mixed_pixel_values, memory_format)
+        labeled_logits = branch_logits(model, labeled_pixel_values, memory_format)
     return CutMixForwardOutput(
         labeled_logits=list(labeled_logits), student_logits=list(student_logits), pseudo_labels=pseudo_labels
     )
+
+
+def plain_cps_forward(
+    model: nn.Module, inputs: Mapping[str, torch.Tensor], *, fused_forward: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """
+    The forward passes of one plain CPS step: every branch's logits of the labelled images, and of the labelled and
+    unlabelled images concatenated (what the CPS term is computed on). The paper's step makes one call per batch;
+    the fused step one call on `[labelled ; unlabelled]` (in train mode BatchNorm then normalises over both).
+    """
+    if "unlabeled_pixel_values" not in inputs:
+        raise ValueError("CPS batches need `unlabeled_pixel_values`; check `remove_unused_columns=False`.")
+    labeled_pixel_values, unlabeled_pixel_values = inputs["pixel_values"], inputs["unlabeled_pixel_values"]
+    if fused_forward:
+        joint_logits = list(branch_logits(model, torch.cat([labeled_pixel_values, unlabeled_pixel_values])))
+        labeled_logits = [logits[: labeled_pixel_values.shape[0]] for logits in joint_logits]
+    else:
+        labeled_logits = list(branch_logits(model, labeled_pixel_values))
+        joint_logits = [
+            torch.cat([labeled, unlabeled])
+            for labeled, unlabeled in zip(labeled_logits, branch_logits(model, unlabeled_pixel_values))
+        ]
+    return labeled_logits, joint_logits
 
 
 @dataclass
@@ -186,6 +223,12 @@ class CPSTrainingArguments(TrainingArguments):
             τ: pseudo-label pixels whose teacher confidence (highest softmax probability) is below τ are ignored in
             L_cps, which averages over the kept pixels; the kept fraction is logged as `cps_pixels_kept`. 0 keeps
             every pixel, as the paper (which has no threshold).
+        fused_forward (`bool`, *optional*, defaults to `False`):
+            The fused step: the students see `[labelled ; unlabelled]` (plain) or `[labelled ; mixed]` (CutMix) in
+            one model call and the CutMix teachers `[u0 ; u1]` in one call, so train-mode BatchNorm normalises over
+            the concatenation (the structure of most later semi-supervised segmentation code). Fewer, larger
+            calls; with BatchNorm in eval mode the losses equal the paper step's. Off: the paper's step, one call
+            per batch.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Allow a new run to replace a final model already saved in `output_dir`, or to start afresh in an
             `output_dir` none of whose checkpoints is complete (complete checkpoints are resumed from, never
@@ -216,6 +259,13 @@ class CPSTrainingArguments(TrainingArguments):
         default=0.0,
         metadata={
             "help": "τ: ignore pseudo-label pixels whose teacher confidence is below τ (0: paper, none)."
+        },
+    )
+    fused_forward: bool = field(
+        default=False,
+        metadata={
+            "help": "Fused step: students on [labelled ; unlabelled or mixed] and CutMix teachers on [u0 ; u1], one "
+            "call each (train-mode BatchNorm normalises over the concatenation; the paper's step: off)."
         },
     )
     overwrite_output_dir: bool = field(
@@ -483,36 +533,27 @@ class CPSTrainer(Trainer):
         labels = inputs["labels"]
         cps_loss = None
         if self.args.supervised_only:
-            labeled_logits = model(
-                pixel_values=inputs["pixel_values"], output_branch_logits=True
-            ).branch_logits
+            labeled_logits = list(branch_logits(model, inputs["pixel_values"]))
         elif self.args.cutmix:
             forward = cutmix_forward(
                 model,
                 inputs,
                 pseudo_label_mode=self.args.pseudo_label_mode,
                 confidence_threshold=self.args.cps_confidence_threshold,
+                fused_forward=self.args.fused_forward,
             )
             pseudo_labels = forward.pseudo_labels
             cps_loss = cross_pseudo_supervision_loss(forward.student_logits, pseudo_labels)
             labeled_logits = forward.labeled_logits
         else:
-            if "unlabeled_pixel_values" not in inputs:
-                raise ValueError(
-                    "CPS batches need `unlabeled_pixel_values`; check `remove_unused_columns=False`."
-                )
-            labeled_logits = model(
-                pixel_values=inputs["pixel_values"], output_branch_logits=True
-            ).branch_logits
-            unlabeled_logits = model(pixel_values=inputs["unlabeled_pixel_values"], output_branch_logits=True)
-            all_logits = [
-                torch.cat([labeled, unlabeled], dim=0)
-                for labeled, unlabeled in zip(labeled_logits, unlabeled_logits.branch_logits)
-            ]
+            labeled_logits, joint_logits = plain_cps_forward(
+                model, inputs, fused_forward=self.args.fused_forward
+            )
             pseudo_labels = [
-                pseudo_labels_from_logits(logits, self.args.cps_confidence_threshold) for logits in all_logits
+                pseudo_labels_from_logits(logits, self.args.cps_confidence_threshold)
+                for logits in joint_logits
             ]
-            cps_loss = cross_pseudo_supervision_loss(all_logits, pseudo_labels)
+            cps_loss = cross_pseudo_supervision_loss(joint_logits, pseudo_labels)
 
         supervised_terms = [self.supervised_loss(logits, labels) for logits in labeled_logits]
         loss = torch.stack(supervised_terms).sum()

@@ -5,7 +5,7 @@ the same batches, each in its own process. Prints a table; `--output_json` write
     python scripts/benchmark.py --backbone resnet50s --crop_size 128 --batch_size 2 --steps 5 --device cpu \\
         --dtype bf16 --output_json runs/benchmark_cpu.json
     python scripts/benchmark.py --crop_size 512 --batch_size 8 --dtype bf16 --output_json runs/benchmark_gpu.json
-    python scripts/benchmark.py ... --merge_teacher_batches   # + one teacher call on u0 and u1 (changes BN stats)
+    python scripts/benchmark.py ... --fused_forward true   # fused step: two model calls, BN over the concatenations
 """
 
 import json

@@ -53,6 +53,9 @@ variant_flags() {
         cps_cutmix) echo "--cutmix true" ;;
         cps_threshold) echo "--cps_confidence_threshold 0.7" ;;
         cps_cutmix_threshold) echo "--cutmix true --cps_confidence_threshold 0.7" ;;
+        cps_cutmix_warmup) echo "--cutmix true --cps_weight_warmup_steps 500" ;;
+        cps_fused) echo "--fused_forward true" ;;
+        cps_cutmix_fused) echo "--cutmix true --fused_forward true" ;;
         *) echo "Unknown variant $1" >&2; return 2 ;;
     esac
 }

@@ -151,29 +151,37 @@ def test_default_fast_step_learns_what_the_reference_step_learns(initial_model, 
     )
 
 
-def test_merged_teacher_batches_change_only_the_batchnorm_statistics(initial_model):
+def test_fused_step_with_running_batchnorm_statistics_is_the_reference_step(initial_model):
+    (batch,) = make_batches(1)
+    with torch.no_grad():
+        initial_model(torch.randn(4, 3, 32, 32))  # non-trivial running statistics
+    reference = official_network_copy(initial_model).eval()
+    fused = copy.deepcopy(initial_model).eval()
+    reference_output = reference_cutmix_step(reference, batch, sgd(reference, fused=False), CPS_WEIGHT)
+    fused_output = fast_cutmix_step(
+        fused, batch, sgd(fused, fused=True), CPS_WEIGHT, dtype=torch.float32, fused_forward=True
+    )
+    # BatchNorm in eval mode normalises every image on its own: concatenating batches changes only the summation
+    # order of nothing but the loss means (the float-reassociation bound of the test above).
+    for name in ("loss", "supervised_loss", "cps_loss"):
+        torch.testing.assert_close(
+            getattr(fused_output, name), getattr(reference_output, name), rtol=1e-5, atol=0, msg=name
+        )
+
+
+def test_fused_step_in_train_mode_normalises_over_the_concatenated_batches(initial_model):
     (batch,) = make_batches(1)
     ((reference,), reference_state) = train(initial_model, [batch], fast=False)
-    ((merged,), merged_state) = train(
-        initial_model, [batch], fast=True, dtype=torch.float32, merge_teacher_batches=True
+    ((fused,), fused_state) = train(
+        initial_model, [batch], fast=True, dtype=torch.float32, fused_forward=True
     )
-    # Student and labelled passes are untouched: the supervised term is the reference's.
-    torch.testing.assert_close(merged.supervised_loss, reference.supervised_loss, rtol=1e-5, atol=1e-5)
-    # The teachers normalise with statistics over u0 and u1 together (4 images, not 2), which can flip the
-    # pseudo-label of pixels whose top two teacher logits nearly tie; at random init on noise images most pixels
-    # are near ties, the worst case. Measured 1.7% here; 10% leaves room for other platforms' kernels.
-    torch.testing.assert_close(merged.cps_loss, reference.cps_loss, rtol=0.1, atol=0.0)
-    assert not torch.equal(
-        merged_state["branches.0.aspp.output_norm.running_mean"],
+    assert torch.isfinite(fused.loss)
+    # The labelled images are normalised together with the mixed ones: another supervised loss, other statistics.
+    assert not torch.allclose(fused.supervised_loss, reference.supervised_loss, rtol=1e-3)
+    assert not torch.allclose(
+        fused_state["branches.0.aspp.output_norm.running_mean"],
         reference_state["branches.0.aspp.output_norm.running_mean"],
     )
-    # When u0 and u1 hold the same images the merged statistics are the per-batch ones: same losses.
-    same_images = make_batches(1, same_unlabeled_images=True)
-    ((reference,), _) = train(initial_model, same_images, fast=False)
-    ((merged,), _) = train(
-        initial_model, same_images, fast=True, dtype=torch.float32, merge_teacher_batches=True
-    )
-    torch.testing.assert_close(merged.loss, reference.loss, rtol=1e-5, atol=1e-5)
 
 
 def test_bf16_autocast_step_on_cpu_is_close_to_fp32(initial_model):

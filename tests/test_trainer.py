@@ -219,6 +219,57 @@ def test_cutmix_pseudo_labels_are_mixed_teacher_predictions(tmp_path, synthetic_
     torch.testing.assert_close(loss, expected)
 
 
+@pytest.mark.parametrize("cutmix", [False, True])
+def test_fused_step_computes_the_paper_step_losses_with_eval_mode_batchnorm(
+    tmp_path, synthetic_splits, cutmix
+):
+    model = small_model().train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 24, 24))  # non-trivial running statistics
+    model.eval()
+    dataset = paired_dataset(synthetic_splits, cutmix=cutmix)
+    batch = collate_semi_supervised([dataset[i] for i in range(2)])
+    calls: list[int] = []
+    model.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(len(kwargs["pixel_values"])), with_kwargs=True
+    )
+    step_losses = {}
+    for fused_forward in (False, True):
+        args = training_arguments(tmp_path, cutmix=cutmix, fused_forward=fused_forward)
+        trainer = CPSTrainer(model=model, args=args, train_dataset=dataset)
+        calls.clear()
+        step_losses[fused_forward] = trainer.cps_step_loss(model, batch)[:2]
+        # One call per image batch (labelled, unlabelled; CutMix: u0, u1, mixed, labelled), or one call on
+        # [labelled ; unlabelled] (CutMix: [u0 ; u1], then [labelled ; mixed]).
+        expected_calls = {
+            (False, False): [2, 2],
+            (False, True): [2, 2, 2, 2],
+            (True, False): [4],
+            (True, True): [4, 4],
+        }
+        assert calls == expected_calls[fused_forward, cutmix]
+    (paper_loss, paper_terms), (fused_loss, fused_terms) = step_losses[False], step_losses[True]
+    # Eval-mode BatchNorm normalises every image on its own: only the summation order of the means can differ.
+    torch.testing.assert_close(fused_loss, paper_loss, rtol=1e-5, atol=0)
+    assert fused_terms.keys() == paper_terms.keys()
+    for name, value in paper_terms.items():
+        torch.testing.assert_close(fused_terms[name], value, rtol=1e-5, atol=0, msg=name)
+
+
+def test_fused_step_normalises_over_the_concatenated_batches_in_train_mode(tmp_path, synthetic_splits):
+    model = small_model().train()
+    dataset = paired_dataset(synthetic_splits, cutmix=True)
+    batch = collate_semi_supervised([dataset[i] for i in range(2)])
+    supervised = {}
+    for fused_forward in (False, True):
+        args = training_arguments(tmp_path, cutmix=True, fused_forward=fused_forward)
+        trainer = CPSTrainer(model=copy.deepcopy(model), args=args, train_dataset=dataset)
+        _, terms, _ = trainer.cps_step_loss(trainer.model, batch)
+        supervised[fused_forward] = terms["loss_supervised_branch_0"]
+    assert torch.isfinite(supervised[True])
+    assert not torch.allclose(supervised[True], supervised[False], rtol=1e-3)
+
+
 def test_training_uses_labelled_and_unlabelled_images_and_moves_every_branch(tmp_path, synthetic_splits):
     model = small_model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
