@@ -176,8 +176,9 @@ def test_fused_step_in_train_mode_normalises_over_the_concatenated_batches(initi
         initial_model, [batch], fast=True, dtype=torch.float32, fused_forward=True
     )
     assert torch.isfinite(fused.loss)
-    # The labelled images are normalised together with the mixed ones: another supervised loss, other statistics.
-    assert not torch.allclose(fused.supervised_loss, reference.supervised_loss, rtol=1e-3)
+    # The labelled images are normalised together with the mixed ones: another supervised loss (measured 0.1 %
+    # apart here, a hundred times the float-reassociation bound of the tests above), other statistics.
+    assert not torch.allclose(fused.supervised_loss, reference.supervised_loss, rtol=1e-4, atol=0)
     assert not torch.allclose(
         fused_state["branches.0.aspp.output_norm.running_mean"],
         reference_state["branches.0.aspp.output_norm.running_mean"],
