@@ -6,13 +6,14 @@ import contextlib
 import math
 import os
 import shutil
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast
+from accelerate.utils import TorchDynamoPlugin, broadcast
 from timm.layers import convert_sync_batchnorm
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -147,7 +148,10 @@ def cutmix_forward(
                 )
             )
         pseudo_labels = [
-            pseudo_labels_from_logits(mix_with_mask(logits, mix_logits, cutmix_masks), confidence_threshold)
+            # Upcast first: under bf16 autocast, near-tie pixels would otherwise take bf16 rounding's argmax.
+            pseudo_labels_from_logits(
+                mix_with_mask(logits.float(), mix_logits.float(), cutmix_masks), confidence_threshold
+            )
             for logits, mix_logits in teacher_pairs
         ]
     mixed_pixel_values = mix_with_mask(unlabeled_pixel_values, mix_unlabeled_pixel_values, cutmix_masks)
@@ -165,7 +169,11 @@ def cutmix_forward(
 
 
 def plain_cps_forward(
-    model: nn.Module, inputs: Mapping[str, torch.Tensor], *, fused_forward: bool = False
+    model: nn.Module,
+    inputs: Mapping[str, torch.Tensor],
+    *,
+    fused_forward: bool = False,
+    memory_format: torch.memory_format | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """
     The forward passes of one plain CPS step: every branch's logits of the labelled images, and of the labelled and
@@ -176,13 +184,17 @@ def plain_cps_forward(
         raise ValueError("CPS batches need `unlabeled_pixel_values`; check `remove_unused_columns=False`.")
     labeled_pixel_values, unlabeled_pixel_values = inputs["pixel_values"], inputs["unlabeled_pixel_values"]
     if fused_forward:
-        joint_logits = list(branch_logits(model, torch.cat([labeled_pixel_values, unlabeled_pixel_values])))
+        joint_logits = list(
+            branch_logits(model, torch.cat([labeled_pixel_values, unlabeled_pixel_values]), memory_format)
+        )
         labeled_logits = [logits[: labeled_pixel_values.shape[0]] for logits in joint_logits]
     else:
-        labeled_logits = list(branch_logits(model, labeled_pixel_values))
+        labeled_logits = list(branch_logits(model, labeled_pixel_values, memory_format))
         joint_logits = [
             torch.cat([labeled, unlabeled])
-            for labeled, unlabeled in zip(labeled_logits, branch_logits(model, unlabeled_pixel_values))
+            for labeled, unlabeled in zip(
+                labeled_logits, branch_logits(model, unlabeled_pixel_values, memory_format)
+            )
         ]
     return labeled_logits, joint_logits
 
@@ -229,6 +241,15 @@ class CPSTrainingArguments(TrainingArguments):
             the concatenation (the structure of most later semi-supervised segmentation code). Fewer, larger
             calls; with BatchNorm in eval mode the losses equal the paper step's. Off: the paper's step, one call
             per batch.
+        channels_last (`bool`, *optional*, defaults to `False`):
+            Keep the weights and feed the images in `torch.channels_last` layout, the layout fast convolution kernels
+            use on many CPUs and on GPUs (values and checkpoints unchanged).
+        torch_compile (`bool`, *optional*, defaults to `False`):
+            As in [`~transformers.TrainingArguments`], but each branch is compiled in place (`nn.Module.compile`),
+            so parameter names, checkpoints and the CPS step around the branches stay as they are.
+        bf16 (`bool`, *optional*, defaults to `False`):
+            As in [`~transformers.TrainingArguments`]: bfloat16 autocast of the forward passes; losses and
+            pseudo-labels are computed from the logits upcast to fp32.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
             Allow a new run to replace a final model already saved in `output_dir`, or to start afresh in an
             `output_dir` none of whose checkpoints is complete (complete checkpoints are resumed from, never
@@ -267,6 +288,10 @@ class CPSTrainingArguments(TrainingArguments):
             "help": "Fused step: students on [labelled ; unlabelled or mixed] and CutMix teachers on [u0 ; u1], one "
             "call each (train-mode BatchNorm normalises over the concatenation; the paper's step: off)."
         },
+    )
+    channels_last: bool = field(
+        default=False,
+        metadata={"help": "Train in the channels-last memory layout (weights and images; same values)."},
     )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow replacing a trained model already saved in `output_dir`."}
@@ -379,10 +404,24 @@ class CPSTrainer(Trainer):
         self._loss_term_count = 0
         self._first_nonfinite_step: torch.Tensor | None = None
         self._checkpoint_staging_dir: str | None = None
+        self._images_since_log = 0
+        self._last_log_time: float | None = None
         self.add_callback(EpochForwardingCallback(self))
+        if self.args.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if self.args.torch_compile:
+            for branch in self.model.branches:
+                branch.compile(backend=self.args.torch_compile_backend, mode=self.args.torch_compile_mode)
         if self.args.world_size > 1 and self.args.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
             use_sync_batchnorm(self.model)
+
+    def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        if self.args.torch_compile:
+            # The branches are compiled in place (see `__init__`); accelerate would compile the whole model again.
+            accelerator_args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return accelerator_args
 
     def _get_dataloader(
         self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
@@ -431,6 +470,13 @@ class CPSTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch=None
     ) -> torch.Tensor:
+        if self._last_log_time is None:
+            self._last_log_time = time.perf_counter()
+        self._images_since_log += sum(
+            len(inputs[key])
+            for key in ("pixel_values", "unlabeled_pixel_values", "mix_unlabeled_pixel_values")
+            if key in inputs
+        )
         loss = super().training_step(model, inputs, num_items_in_batch)
         # Remember the first optimizer step whose loss is not finite without a host sync; it is checked when
         # logging, before saving a checkpoint and at the end of training.
@@ -532,8 +578,9 @@ class CPSTrainer(Trainer):
         """The loss of one training step, its named terms (detached) and the labelled-batch outputs."""
         labels = inputs["labels"]
         cps_loss = None
+        memory_format = torch.channels_last if self.args.channels_last else None
         if self.args.supervised_only:
-            labeled_logits = list(branch_logits(model, inputs["pixel_values"]))
+            labeled_logits = list(branch_logits(model, inputs["pixel_values"], memory_format))
         elif self.args.cutmix:
             forward = cutmix_forward(
                 model,
@@ -541,19 +588,25 @@ class CPSTrainer(Trainer):
                 pseudo_label_mode=self.args.pseudo_label_mode,
                 confidence_threshold=self.args.cps_confidence_threshold,
                 fused_forward=self.args.fused_forward,
+                memory_format=memory_format,
+                teacher_memory_format=memory_format,
             )
             pseudo_labels = forward.pseudo_labels
-            cps_loss = cross_pseudo_supervision_loss(forward.student_logits, pseudo_labels)
+            student_logits = [logits.float() for logits in forward.student_logits]
+            cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels)
             labeled_logits = forward.labeled_logits
         else:
             labeled_logits, joint_logits = plain_cps_forward(
-                model, inputs, fused_forward=self.args.fused_forward
+                model, inputs, fused_forward=self.args.fused_forward, memory_format=memory_format
             )
+            joint_logits = [logits.float() for logits in joint_logits]
             pseudo_labels = [
                 pseudo_labels_from_logits(logits, self.args.cps_confidence_threshold)
                 for logits in joint_logits
             ]
             cps_loss = cross_pseudo_supervision_loss(joint_logits, pseudo_labels)
+        # Losses in fp32 whatever the forward dtype (bf16 autocast): log-softmax in bf16 loses small probabilities.
+        labeled_logits = [logits.float() for logits in labeled_logits]
 
         supervised_terms = [self.supervised_loss(logits, labels) for logits in labeled_logits]
         loss = torch.stack(supervised_terms).sum()
@@ -590,6 +643,13 @@ class CPSTrainer(Trainer):
             means = self.accelerator.reduce(means, reduction="mean").tolist()
             logs.update({name: round(value, 4) for name, value in zip(names, means)})
             self._loss_term_sums, self._loss_term_count = {}, 0
+        if "loss" in logs and self._last_log_time is not None:
+            # Every process runs equal batches (full batches only), so the global rate is the local one times
+            # the number of processes.
+            now = time.perf_counter()
+            images = self._images_since_log * self.args.world_size
+            logs["images_per_second"] = round(images / max(now - self._last_log_time, 1e-9), 2)
+            self._images_since_log, self._last_log_time = 0, now
         super().log(logs, start_time)
 
 

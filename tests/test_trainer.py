@@ -308,6 +308,64 @@ def test_training_uses_labelled_and_unlabelled_images_and_moves_every_branch(tmp
             )
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and {"loss_cps", "loss_supervised_branch_0", "loss_supervised_branch_1"} <= logged[0].keys()
+    # Throughput counts every image of the step: 2 labelled + 2 unlabelled per step here.
+    assert all(entry["images_per_second"] > 0 for entry in logged)
+
+
+def first_step_losses(tmp_path: Path, splits, **overrides) -> tuple[list[float], CPSTrainer]:
+    """Trains two steps from the same initial weights; returns the logged losses and the trainer."""
+    torch.manual_seed(0)
+    model = small_model()
+    args = training_arguments(tmp_path / "run", cutmix=True, **overrides)
+    trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(splits, cutmix=True))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry], trainer
+
+
+def test_channels_last_training_computes_the_same_step_and_saves_loadable_weights(tmp_path, synthetic_splits):
+    (first_default, _), _ = first_step_losses(tmp_path / "nchw", synthetic_splits)
+    (first_channels_last, _), trainer = first_step_losses(
+        tmp_path / "nhwc", synthetic_splits, channels_last=True
+    )
+    convolution = next(
+        weight for weight in trainer.model.parameters() if weight.dim() == 4 and weight.shape[-1] > 1
+    )
+    assert convolution.is_contiguous(memory_format=torch.channels_last) and not convolution.is_contiguous()
+    # Same values in another layout: other convolution kernels, float reassociation only (measured <= 1e-6).
+    assert first_channels_last == pytest.approx(first_default, rel=1e-5)
+    trainer.save_model(str(tmp_path / "saved"))
+    loaded = CPSForSemanticSegmentation.from_pretrained(tmp_path / "saved")
+    for name, tensor in loaded.state_dict().items():
+        assert torch.equal(tensor, trainer.model.state_dict()[name]), name
+
+
+def test_bf16_training_runs_the_forward_in_bfloat16_and_the_losses_in_fp32(tmp_path, synthetic_splits):
+    forward_dtypes = []
+    (first_fp32, _), _ = first_step_losses(tmp_path / "fp32", synthetic_splits)
+    torch.manual_seed(0)
+    model = small_model()
+    model.branches[0].classifier.register_forward_hook(
+        lambda module, args, output: forward_dtypes.append(output.dtype)
+    )
+    args = training_arguments(tmp_path / "bf16", cutmix=True, bf16=True)
+    trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits, cutmix=True))
+    trainer.train()
+    first_bf16 = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry][0]
+    assert set(forward_dtypes) == {torch.bfloat16}
+    # bf16 keeps 8 significant bits: over the tiny model's layers the loss moves by about a percent.
+    assert first_bf16 == pytest.approx(first_fp32, rel=0.05) and first_bf16 != first_fp32
+
+
+def test_torch_compile_compiles_each_branch_and_keeps_the_step(tmp_path, synthetic_splits):
+    (first_eager, _), eager_trainer = first_step_losses(tmp_path / "eager", synthetic_splits)
+    # aot_eager traces and runs the same ATen kernels without code generation: the compile path, fast.
+    (first_compiled, _), trainer = first_step_losses(
+        tmp_path / "compiled", synthetic_splits, torch_compile=True, torch_compile_backend="aot_eager"
+    )
+    assert all(branch._compiled_call_impl is not None for branch in trainer.model.branches)
+    assert trainer.model_wrapped is trainer.model or not hasattr(trainer.model_wrapped, "_orig_mod")
+    assert trainer.model.state_dict().keys() == eager_trainer.model.state_dict().keys()
+    assert first_compiled == pytest.approx(first_eager, rel=1e-5)
 
 
 def test_supervised_only_uses_no_unlabelled_images(tmp_path, synthetic_splits):
