@@ -4,7 +4,8 @@
 # validation split, summarised in docs/camvid/results.json.
 #
 #   bash scripts/reproduce_camvid.sh [--source DIR] [--seeds 0 1 2] [--variants supervised cps cps_cutmix]
-#                                    [--runs_dir runs/camvid] [--parallel 2]
+#                                    [--runs_dir runs/camvid] [--parallel 2] [--max_steps N]
+#                                    [--results docs/camvid/results.json]
 #
 # Finished runs (an eval.json next to the model) are skipped; interrupted ones resume from their last complete
 # checkpoint. With --parallel N, N runs share the machine at one thread each.
@@ -17,6 +18,8 @@ VARIANTS=(supervised cps cps_cutmix)
 RUNS_DIR=runs/camvid
 PARALLEL=1
 CONFIG=scripts/configs/camvid.yaml
+MAX_STEPS=  # empty: the recipe's
+RESULTS=docs/camvid/results.json
 DOWNSCALE=4  # the frames of the recipe's `dataset_name` (data/camvid-90x120): 360x480 / 4
 PYTHON="${PYTHON:-.venv/bin/python}"
 [ -x "$PYTHON" ] || PYTHON=python
@@ -34,6 +37,8 @@ while [ $# -gt 0 ]; do
         --parallel) PARALLEL=$2; shift 2 ;;
         --config) CONFIG=$2; shift 2 ;;
         --downscale) DOWNSCALE=$2; shift 2 ;;
+        --max_steps) MAX_STEPS=$2; shift 2 ;;
+        --results) RESULTS=$2; shift 2 ;;
         --seeds) shift; read_list SEEDS "$@"; shift ${#SEEDS[@]} ;;
         --variants) shift; read_list VARIANTS "$@"; shift ${#VARIANTS[@]} ;;
         *) echo "Unknown argument: $1 (see the header of $0)" >&2; exit 2 ;;
@@ -68,6 +73,7 @@ run_one() { # run_one VARIANT SEED: train (or resume) then evaluate every branch
     fi
     local flags
     flags=$(variant_flags "$variant")
+    [ -z "$MAX_STEPS" ] || flags="$flags --max_steps $MAX_STEPS"
     if [ ! -f "$run_dir/all_results.json" ]; then
         # shellcheck disable=SC2086
         OMP_NUM_THREADS=$THREADS "$PYTHON" scripts/train_cps.py "$CONFIG" --output_dir "$run_dir" --seed "$seed" \
@@ -101,4 +107,4 @@ if [ "$failed" -gt 0 ]; then
     exit 1
 fi
 
-"$PYTHON" scripts/camvid_results.py --runs_dir "$RUNS_DIR" --config "$CONFIG" --output docs/camvid/results.json
+"$PYTHON" scripts/camvid_results.py --runs_dir "$RUNS_DIR" --config "$CONFIG" --output "$RESULTS"
