@@ -16,33 +16,18 @@ from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import yaml
 from transformers import HfArgumentParser, set_seed
 from transformers.utils import logging
 
 from .checkpointing import checkpoint_problems, last_complete_checkpoint
 from .configuration_cps import CPSConfig
-from .data import (
-    SegmentationTransform,
-    SemiSupervisedSegmentationDataset,
-    SupervisedSegmentationDataset,
-    check_columns,
-    collate_semi_supervised,
-    dataset_class_names,
-    file_sha256,
-    get_split,
-    load_segmentation_dataset,
-    select_indices_from_ids_file,
-    select_labeled_indices,
-    size_pair,
-    split_fingerprint,
-)
+from .data import DataArguments, TrainingData, build_training_data, collate_semi_supervised
+from .data.synthetic import SYNTHETIC_DATASET_NAME
 from .hub import take_over_hub_push
 from .image_processing import backbone_normalization, create_image_processor
 from .modelcard import write_model_card
 from .modeling_cps import CPSForSemanticSegmentation
-from .synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_DATASET_NAME
 from .trainer import CPSTrainer, CPSTrainingArguments
 
 logger = logging.get_logger(__name__)
@@ -161,89 +146,6 @@ def _make_model_arguments() -> type:
 ModelArguments = _make_model_arguments()
 
 
-@dataclass
-class DataArguments:
-    """Where the images and masks come from and how they are split and augmented."""
-
-    dataset_name: str = field(
-        default=SYNTHETIC_DATASET_NAME,
-        metadata={"help": "'synthetic' (built in), a save_to_disk/parquet/imagefolder folder, or a Hub id."},
-    )
-    image_column: str = field(default="image", metadata={"help": "Image column."})
-    label_column: str = field(default="label", metadata={"help": "Mask column (class ids, 255 = ignore)."})
-    id_column: str = field(default="id", metadata={"help": "Sample id column (used by --labeled_ids_file)."})
-    train_split: str = field(default="train", metadata={"help": "Training split."})
-    eval_split: str | None = field(
-        default="validation", metadata={"help": "Evaluation split ('none' or null: no evaluation)."}
-    )
-    unlabeled_dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "Separate image-only dataset for the unlabelled set (default: rest of train)."},
-    )
-    unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset_name."})
-    labeled_ids_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split file of labelled ids: one id per line, or Cityscapes `image<TAB>label` lines."
-        },
-    )
-    unlabeled_ids_file: str | None = field(
-        default=None,
-        metadata={"help": "Split file of unlabelled ids (default: every training row that is not labelled)."},
-    )
-    labeled_fraction: float | None = field(
-        default=None, metadata={"help": "Fraction of train that is labelled."}
-    )
-    labeled_count: int | None = field(default=None, metadata={"help": "Number of labelled training rows."})
-    split_seed: int = field(default=0, metadata={"help": "Seed of the labelled subset for fraction/count."})
-    class_names: list[str] | None = field(
-        default=None,
-        metadata={"help": "Class names in id order (default: from the dataset or generic names)."},
-    )
-    num_labels: int | None = field(
-        default=None, metadata={"help": "Number of classes when no names are given."}
-    )
-    crop_size: list[int] = field(
-        default_factory=lambda: [512],
-        metadata={
-            "help": "Training crop: one value (square) or `height width` (e.g. whole non-square frames)."
-        },
-    )
-    scales: list[float] = field(
-        default_factory=lambda: [0.5, 0.75, 1.0, 1.5, 1.75, 2.0], metadata={"help": "Random scale factors."}
-    )
-    eval_size: int | None = field(
-        default=None, metadata={"help": "Resize evaluation images to this square size."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Evaluate on at most this many rows."}
-    )
-    cache_dir: str | None = field(
-        default=None, metadata={"help": "Cache folder for datasets (and the synthetic data)."}
-    )
-    synthetic_num_train: int = field(default=512, metadata={"help": "Synthetic data: training images."})
-    synthetic_num_val: int = field(default=128, metadata={"help": "Synthetic data: validation images."})
-    synthetic_image_size: int = field(default=96, metadata={"help": "Synthetic data: image size."})
-    skip_undecodable_samples: bool = field(
-        default=False,
-        metadata={
-            "help": "Decode every sample once before training and leave out (and count) those that cannot be "
-            "decoded, instead of stopping at the first one."
-        },
-    )
-
-    def __post_init__(self):
-        self.crop_size = list(size_pair(self.crop_size, "crop_size"))
-        if self.eval_split is not None and self.eval_split.lower() in ("", "none", "null"):
-            self.eval_split = None
-        chosen = [self.labeled_ids_file, self.labeled_fraction, self.labeled_count]
-        if sum(option is not None for option in chosen) != 1:
-            raise ValueError(
-                "Choose the labelled subset with exactly one of --labeled_ids_file, --labeled_fraction, "
-                f"--labeled_count (got {chosen})."
-            )
-
-
 def parse_experiment_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, CPSTrainingArguments, Path | None]:
@@ -291,34 +193,6 @@ def load_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def resolve_class_names(data_args: DataArguments, train_dataset: datasets.Dataset) -> list[str]:
-    """The class names in id order: `--class_names`, the synthetic dataset's, those the dataset stores in its
-    description (`{"class_names": [...]}`), or generic names for `--num_labels` classes.
-
-    Raises:
-        ValueError: if `--num_labels` disagrees with the number of names, or nothing gives the classes.
-    """
-    names = None
-    if data_args.class_names:
-        names = list(data_args.class_names)
-    elif data_args.dataset_name in (None, SYNTHETIC_DATASET_NAME):
-        names = list(SYNTHETIC_CLASS_NAMES)
-    else:
-        names = dataset_class_names(train_dataset)
-    if names:
-        if data_args.num_labels is not None and data_args.num_labels != len(names):
-            raise ValueError(
-                f"--num_labels is {data_args.num_labels} but dataset {data_args.dataset_name!r} has "
-                f"{len(names)} classes ({names}); drop --num_labels or fix the class names."
-            )
-        return names
-    if data_args.num_labels is None:
-        raise ValueError(
-            f"Dataset {data_args.dataset_name!r} does not name its classes: pass --class_names or --num_labels."
-        )
-    return [f"class_{index}" for index in range(data_args.num_labels)]
-
-
 def build_model(
     model_args: ModelArguments, class_names: list[str], dataset_name: str | None = None
 ) -> CPSForSemanticSegmentation:
@@ -338,183 +212,17 @@ def build_model(
     return CPSForSemanticSegmentation(config)
 
 
-@dataclass
-class ExperimentData:
-    train_dataset: SemiSupervisedSegmentationDataset | SupervisedSegmentationDataset
-    eval_dataset: SupervisedSegmentationDataset | None
-    class_names: list[str]
-    num_labeled: int
-    num_unlabeled: int
-    split_fingerprint: str
-    split: dict[str, Any]
-    skipped_samples: list[str] = field(default_factory=list)
-
-
-def build_data(
-    data_args: DataArguments, training_args: CPSTrainingArguments, backbone: str
-) -> ExperimentData:
-    synthetic_kwargs = {}
-    if data_args.dataset_name in (None, SYNTHETIC_DATASET_NAME):
-        synthetic_kwargs = dict(
-            num_train=data_args.synthetic_num_train,
-            num_val=data_args.synthetic_num_val,
-            image_size=data_args.synthetic_image_size,
-        )
-    dataset_dict = load_segmentation_dataset(
-        data_args.dataset_name, cache_dir=data_args.cache_dir, **synthetic_kwargs
-    )
-    dataset_name = data_args.dataset_name or SYNTHETIC_DATASET_NAME
-    train_split = get_split(dataset_dict, data_args.train_split, dataset_name)
-    check_columns(
-        train_split, data_args.image_column, data_args.label_column, data_args.train_split, dataset_name
-    )
-    class_names = resolve_class_names(data_args, train_split)
-    labeled_indices = select_labeled_indices(
-        train_split,
-        labeled_ids_file=data_args.labeled_ids_file,
-        labeled_fraction=data_args.labeled_fraction,
-        labeled_count=data_args.labeled_count,
-        split_seed=data_args.split_seed,
-        id_column=data_args.id_column,
-        dataset_name=dataset_name,
-    )
+def build_data(data_args: DataArguments, training_args: CPSTrainingArguments, backbone: str) -> TrainingData:
+    """The datasets of a run ([`~cps_hf.data.build_training_data`]), normalised like the backbone's pretraining."""
     mean, std = backbone_normalization(backbone)
-    train_transform = SegmentationTransform(
-        train=True, crop_size=data_args.crop_size, scales=data_args.scales, mean=mean, std=std
+    return build_training_data(
+        data_args,
+        seed=training_args.seed,
+        cutmix=training_args.cutmix,
+        supervised_only=training_args.supervised_only,
+        mean=mean,
+        std=std,
     )
-    common = dict(
-        image_column=data_args.image_column,
-        label_column=data_args.label_column,
-        id_column=data_args.id_column,
-        skip_undecodable=data_args.skip_undecodable_samples,
-    )
-    if training_args.supervised_only:
-        train_dataset = SupervisedSegmentationDataset(
-            train_split,
-            labeled_indices,
-            num_labels=len(class_names),
-            transform=train_transform,
-            seed=training_args.seed,
-            split_name=data_args.train_split,
-            dataset_name=dataset_name,
-            **common,
-        )
-        num_labeled, num_unlabeled = len(train_dataset), 0
-    else:
-        unlabeled_dataset = None
-        if data_args.unlabeled_dataset_name is not None:
-            unlabeled_dataset = get_split(
-                load_segmentation_dataset(data_args.unlabeled_dataset_name, cache_dir=data_args.cache_dir),
-                data_args.unlabeled_split,
-                data_args.unlabeled_dataset_name,
-            )
-        unlabeled_indices = None
-        if data_args.unlabeled_ids_file is not None:
-            unlabeled_indices = _select_unlabeled_rows(
-                unlabeled_dataset if unlabeled_dataset is not None else train_split,
-                data_args,
-                labeled_indices if unlabeled_dataset is None else None,
-            )
-        train_dataset = SemiSupervisedSegmentationDataset(
-            train_split,
-            labeled_indices,
-            transform=train_transform,
-            num_labels=len(class_names),
-            unlabeled_dataset=unlabeled_dataset,
-            unlabeled_indices=unlabeled_indices,
-            cutmix=training_args.cutmix,
-            seed=training_args.seed,
-            labeled_split_name=data_args.train_split,
-            unlabeled_split_name=data_args.unlabeled_split if unlabeled_dataset is not None else None,
-            labeled_dataset_name=dataset_name,
-            unlabeled_dataset_name=data_args.unlabeled_dataset_name,
-            **common,
-        )
-        num_labeled, num_unlabeled = train_dataset.num_labeled, train_dataset.num_unlabeled
-
-    eval_dataset = None
-    if data_args.eval_split is not None:
-        eval_split = get_split(dataset_dict, data_args.eval_split, dataset_name)
-        eval_indices = None
-        if data_args.max_eval_samples is not None:
-            eval_indices = list(range(min(data_args.max_eval_samples, len(eval_split))))
-        eval_transform = SegmentationTransform(train=False, mean=mean, std=std, eval_size=data_args.eval_size)
-        eval_dataset = SupervisedSegmentationDataset(
-            eval_split,
-            eval_indices,
-            num_labels=len(class_names),
-            transform=eval_transform,
-            split_name=data_args.eval_split,
-            dataset_name=dataset_name,
-            **common,
-        )
-    return ExperimentData(
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        class_names=class_names,
-        num_labeled=num_labeled,
-        num_unlabeled=num_unlabeled,
-        split_fingerprint=split_fingerprint(labeled_indices),
-        split=split_record(data_args, len(train_split), labeled_indices, num_unlabeled),
-        skipped_samples=train_dataset.skipped_samples
-        + (eval_dataset.skipped_samples if eval_dataset is not None else []),
-    )
-
-
-def _select_unlabeled_rows(
-    dataset: datasets.Dataset, data_args: DataArguments, labeled_indices: list[int] | None
-) -> list[int]:
-    """The rows of `--unlabeled_ids_file`; with `labeled_indices` (same dataset), reports rows in both sets (the
-    PseudoSeg lists overlap) and rows in neither."""
-    unlabeled_indices = select_indices_from_ids_file(
-        dataset,
-        data_args.unlabeled_ids_file,
-        id_column=data_args.id_column,
-        dataset_name=data_args.unlabeled_dataset_name or data_args.dataset_name,
-        subset="unlabelled",
-    )
-    if labeled_indices is not None:
-        both = set(labeled_indices) & set(unlabeled_indices)
-        if both:
-            logger.warning(
-                f"{len(both)} row(s) are in both {data_args.labeled_ids_file or 'the labelled set'} and "
-                f"{data_args.unlabeled_ids_file}: they are used as labelled and as unlabelled samples."
-            )
-        neither = len(dataset) - len(set(labeled_indices) | set(unlabeled_indices))
-        if neither:
-            logger.info(f"{neither} training row(s) are neither labelled nor unlabelled: they are not used.")
-    return unlabeled_indices
-
-
-def split_record(
-    data_args: DataArguments, num_train_rows: int, labeled_indices: list[int], num_unlabeled: int
-) -> dict[str, Any]:
-    """What identifies the labelled/unlabelled split of a run (the `split` entry of `cps_recipe.json`): the split
-    files and their SHA-256, or the seed and fraction/count of a random draw, the counts and the fingerprint of
-    the labelled rows."""
-    method = (
-        "ids_file"
-        if data_args.labeled_ids_file is not None
-        else ("fraction" if data_args.labeled_fraction is not None else "count")
-    )
-    record: dict[str, Any] = {
-        "method": method,
-        "train_split": data_args.train_split,
-        "num_train_rows": num_train_rows,
-    }
-    for key in ("labeled_ids_file", "unlabeled_ids_file"):
-        path = getattr(data_args, key)
-        record[key] = path
-        record[f"{key}_sha256"] = file_sha256(path) if path is not None else None
-    record.update(
-        labeled_fraction=data_args.labeled_fraction,
-        labeled_count=data_args.labeled_count,
-        split_seed=None if method == "ids_file" else data_args.split_seed,
-        num_labeled=len(labeled_indices),
-        num_unlabeled=num_unlabeled,
-        fingerprint=split_fingerprint(labeled_indices),
-    )
-    return record
 
 
 def resolve_resume_checkpoint(training_args: CPSTrainingArguments) -> str | None:
@@ -666,5 +374,4 @@ __all__ = [
     "parse_experiment_arguments",
     "resolve_resume_checkpoint",
     "run_experiment",
-    "split_record",
 ]

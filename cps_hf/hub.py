@@ -21,6 +21,7 @@ from transformers import TrainingArguments
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.utils import logging
 
+from .data.synthetic import synthetic_sample
 from .modelcard import (
     SYNTHETIC_DATASET_NAME,
     find_evaluation_reports,
@@ -28,7 +29,6 @@ from .modelcard import (
     read_recipe,
     render_model_card,
 )
-from .synthetic import synthetic_sample
 
 logger = logging.get_logger(__name__)
 

@@ -17,7 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from transformers.utils import logging
 
 from .configuration_cps import CPSConfig
-from .synthetic import SYNTHETIC_DATASET_NAME
+from .data.synthetic import SYNTHETIC_DATASET_NAME
 
 logger = logging.get_logger(__name__)
 

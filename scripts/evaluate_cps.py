@@ -25,6 +25,7 @@ from transformers import HfArgumentParser
 from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import (
     SegmentationTransform,
+    SplitName,
     SupervisedSegmentationDataset,
     check_columns,
     get_split,
@@ -111,8 +112,7 @@ def main() -> None:
         image_column=args.image_column,
         label_column=args.label_column,
         id_column=args.id_column,
-        ignore_index=config.semantic_loss_ignore_index,
-        split_name=args.split,
+        split_name=SplitName(args.split, args.dataset_name),
     )
 
     start = time.perf_counter()

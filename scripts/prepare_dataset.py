@@ -17,7 +17,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cps_hf.converters import (
+from cps_hf.data.converters import (
     convert_camvid,
     convert_cityscapes,
     convert_folder,

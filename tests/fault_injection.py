@@ -36,8 +36,8 @@ from PIL import Image as PILImage
 from safetensors.torch import load_file
 
 from cps_hf.data import select_labeled_indices
+from cps_hf.data.synthetic import make_synthetic_segmentation_dataset
 from cps_hf.experiment import parse_experiment_arguments, run_experiment
-from cps_hf.synthetic import make_synthetic_segmentation_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "train_probe.py"

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from cps_hf import CPSConfig, CPSForSemanticSegmentation, create_image_processor
-from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES
 
 # `accelerate launch --cpu --num_processes 2` starts one process; these flags (with ACCELERATE_USE_CPU=1) start two.
 TWO_CPU_PROCESSES_LAUNCH = (

@@ -302,7 +302,7 @@ def test_metric_benchmark_compares_equal_results():
 def test_data_pipeline_benchmark_runs_the_training_dataset(tmp_path):
     from cps_hf.benchmarking import benchmark_data_pipeline
     from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset
-    from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
+    from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 
     splits = make_synthetic_segmentation_dataset(
         num_train=6, num_val=1, image_size=32, seed=0, cache_dir=str(tmp_path)

@@ -1,4 +1,4 @@
-"""Tests of cps_hf.converters and scripts/prepare_dataset.py on tiny layouts built in `tmp_path`."""
+"""Tests of cps_hf.data.converters and scripts/prepare_dataset.py on tiny layouts built in `tmp_path`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,14 @@ import pytest
 from helpers import run_script
 from PIL import Image as PILImage
 
-from cps_hf.converters import (
+from cps_hf.data import (
+    DataArguments,
+    dataset_class_names,
+    load_segmentation_dataset,
+    resolve_class_names,
+    select_labeled_indices,
+)
+from cps_hf.data.converters import (
     CAMVID_CLASS_NAMES,
     CITYSCAPES_CLASS_NAMES,
     VOC_CLASS_NAMES,
@@ -26,8 +33,6 @@ from cps_hf.converters import (
     push_dataset_to_hub,
     save_dataset,
 )
-from cps_hf.data import dataset_class_names, load_segmentation_dataset, select_labeled_indices
-from cps_hf.experiment import DataArguments, resolve_class_names
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 4, 6

@@ -20,9 +20,10 @@ from PIL import Image as PILImage
 from cps_hf.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    DataArguments,
     SegmentationTransform,
     SemiSupervisedSegmentationDataset,
-    SupervisedEvalDataset,
+    SupervisedSegmentationDataset,
     check_columns,
     collate_semi_supervised,
     complement_indices,
@@ -37,9 +38,9 @@ from cps_hf.data import (
     select_labeled_indices,
     split_fingerprint,
     split_line_id,
+    split_record,
     write_labeled_partitions,
 )
-from cps_hf.experiment import DataArguments, split_record
 
 # The official CPS split lists: $CPS_SPLITS_DIR, or the shared datasets folder next to the repository. Tests that
 # read them are skipped where they are absent (e.g. CI on a bare clone).
@@ -223,7 +224,7 @@ def test_palette_mask_keeps_its_indices() -> None:
         {"image": [{"bytes": image_png, "path": None}], "label": [{"bytes": mask_png, "path": None}]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()}),
     )
-    item = SupervisedEvalDataset(dataset, num_labels=22)[0]
+    item = SupervisedSegmentationDataset(dataset, num_labels=22)[0]
     assert torch.equal(item["labels"], torch.from_numpy(indices.astype(np.int64)))
 
 
@@ -256,7 +257,7 @@ def test_undecodable_image_names_the_row() -> None:
     corrupted = dataset.cast_column("image", datasets.Image(decode=False)).to_dict()
     corrupted["image"][2] = {"bytes": b"not a png", "path": None}
     dataset = datasets.Dataset.from_dict(corrupted, features=dataset.features)
-    evaluation = SupervisedEvalDataset(dataset, num_labels=NUM_LABELS)
+    evaluation = SupervisedSegmentationDataset(dataset, num_labels=NUM_LABELS)
     with pytest.raises(ValueError, match=r"Could not decode the image of .*row 2, id 'img_002'"):
         evaluation[2]
 
@@ -412,7 +413,7 @@ def test_bad_mask_values_name_the_row_and_id() -> None:
     with pytest.raises(ValueError, match=r"split 'train' row 2, id 'img_002'.*values \[7\]"):
         paired[1]
     with pytest.raises(ValueError, match=r"row 2.*values \[7\]"):
-        SupervisedEvalDataset(dataset, num_labels=NUM_LABELS)[2]
+        SupervisedSegmentationDataset(dataset, num_labels=NUM_LABELS)[2]
 
 
 def test_dataset_size_mismatch_names_the_sample() -> None:
@@ -421,7 +422,7 @@ def test_dataset_size_mismatch_names_the_sample() -> None:
     columns["label"][1] = {"bytes": png_bytes(np.zeros((12, 15), dtype=np.uint8), "L"), "path": None}
     dataset = datasets.Dataset.from_dict(columns, features=dataset.features)
     with pytest.raises(ValueError, match=r"id 'img_001'.*differ in size"):
-        SupervisedEvalDataset(dataset, num_labels=NUM_LABELS)[1]
+        SupervisedSegmentationDataset(dataset, num_labels=NUM_LABELS)[1]
 
 
 def test_missing_columns_list_the_available_ones() -> None:
@@ -435,7 +436,7 @@ def test_missing_columns_list_the_available_ones() -> None:
 
 
 def test_collate_stacks_every_key_and_reports_shape_mismatches() -> None:
-    evaluation = SupervisedEvalDataset(make_dataset(3), num_labels=NUM_LABELS)
+    evaluation = SupervisedSegmentationDataset(make_dataset(3), num_labels=NUM_LABELS)
     batch = collate_semi_supervised([evaluation[index] for index in range(3)])
     assert batch["pixel_values"].shape == (3, 3, 12, 16) and batch["labels"].shape == (3, 12, 16)
     with pytest.raises(ValueError, match="eval_size"):
@@ -465,7 +466,7 @@ def test_load_parquet_folder(tmp_path: Path) -> None:
     make_dataset(2).to_parquet(str(folder / "validation.parquet"))
     loaded = load_segmentation_dataset(str(tmp_path / "parquet"), cache_dir=str(tmp_path / "cache"))
     assert {split: len(loaded[split]) for split in loaded} == {"train": 5, "validation": 2}
-    item = SupervisedEvalDataset(loaded["train"], num_labels=NUM_LABELS)[4]
+    item = SupervisedSegmentationDataset(loaded["train"], num_labels=NUM_LABELS)[4]
     assert item["labels"].shape == (12, 16)
 
 
@@ -480,7 +481,7 @@ def test_load_imagefolder_with_mask_metadata(tmp_path: Path) -> None:
     (folder / "metadata.csv").write_text("\n".join(lines) + "\n")
     loaded = load_segmentation_dataset(str(tmp_path / "images"), cache_dir=str(tmp_path / "cache"))
     assert loaded["train"].column_names == ["image", "mask"]
-    evaluation = SupervisedEvalDataset(loaded["train"], num_labels=NUM_LABELS, label_column="mask")
+    evaluation = SupervisedSegmentationDataset(loaded["train"], num_labels=NUM_LABELS, label_column="mask")
     assert sorted(int(evaluation[row]["labels"][0, 0]) for row in range(3)) == [0, 1, 2]
 
 

@@ -11,6 +11,7 @@ from PIL import Image as PILImage
 from torch import nn
 
 from cps_hf import CPSForSemanticSegmentation
+from cps_hf.data.synthetic import SYNTHETIC_PALETTE
 from cps_hf.inference import (
     _window_starts,
     describe_protocol,
@@ -22,7 +23,6 @@ from cps_hf.inference import (
     predict_probabilities,
 )
 from cps_hf.metrics import confusion_matrix, metrics_from_confusion_matrix
-from cps_hf.synthetic import SYNTHETIC_PALETTE
 from cps_hf.visualization import IGNORE_COLOR, colorize_mask, overlay, segmentation_palette
 
 NUM_LABELS = 3

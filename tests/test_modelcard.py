@@ -10,8 +10,8 @@ from helpers import save_tiny_model, save_tiny_run
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors.torch import load_file, save_file
 
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES
 from cps_hf.modelcard import MODEL_CARD_TEMPLATE, render_model_card, weights_sha256
-from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.experiment import parse_experiment_arguments, run_experiment
-from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_ROOT = REPO_ROOT / "scripts" / "configs"

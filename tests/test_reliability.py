@@ -22,6 +22,7 @@ from cps_hf.checkpointing import checkpoint_problems, last_complete_checkpoint, 
 from cps_hf.data import (
     SegmentationTransform,
     SemiSupervisedSegmentationDataset,
+    SplitName,
     UndecodableSampleError,
 )
 from cps_hf.experiment import parse_experiment_arguments, resolve_resume_checkpoint
@@ -148,7 +149,7 @@ def _png(image: PILImage.Image) -> bytes:
 def test_skip_undecodable_leaves_out_and_lists_the_bad_rows():
     dataset = _dataset_with_undecodable_rows(8, bad_rows={1, 5})
     transform = SegmentationTransform(train=True, crop_size=8, scales=(1.0,))
-    common = dict(transform=transform, num_labels=3, labeled_dataset_name="toy")
+    common = dict(transform=transform, num_labels=3, split_name=SplitName("train", "toy"))
     failing = SemiSupervisedSegmentationDataset(dataset, [0, 1], **common)
     with pytest.raises(UndecodableSampleError, match=r"dataset 'toy', split 'train' row 1, id 'img_1'"):
         [failing[index] for index in range(len(failing))]

@@ -13,8 +13,8 @@ from transformers import AutoImageProcessor
 
 from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SupervisedSegmentationDataset, load_segmentation_dataset
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.inference import evaluate_model, load_image_normalization
-from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)

@@ -1,4 +1,4 @@
-"""Tests of cps_hf.synthetic: the embedded generated dataset and its cache."""
+"""Tests of cps_hf.data.synthetic: the embedded generated dataset and its cache."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-import cps_hf.synthetic as synthetic
-from cps_hf.synthetic import (
+import cps_hf.data.synthetic as synthetic
+from cps_hf.data.synthetic import (
     SYNTHETIC_CLASS_NAMES,
     make_synthetic_segmentation_dataset,
     synthetic_id2label,

@@ -15,6 +15,7 @@ from transformers import HfArgumentParser
 
 from cps_hf import CPSConfig, CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset, collate_semi_supervised
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.experiment import MODEL_CONFIG_FIELDS, ModelArguments, parse_experiment_arguments, run_experiment
 from cps_hf.losses import (
     cross_pseudo_supervision_loss,
@@ -23,7 +24,6 @@ from cps_hf.losses import (
     supervised_cross_entropy,
 )
 from cps_hf.masking import mix_with_mask
-from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.trainer import CPSTrainer, CPSTrainingArguments, use_sync_batchnorm
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -18,8 +18,8 @@ from PIL import Image as PILImage
 
 from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import decode_mask, load_segmentation_dataset
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.inference import load_image_normalization, predict_segmentation
-from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.visualization import (
     _RUN_COLORS,
     IGNORE_COLOR,

@@ -20,8 +20,8 @@ import torch
 from helpers import save_tiny_run
 from PIL import Image
 
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, synthetic_sample
 from cps_hf.modelcard import write_model_card
-from cps_hf.synthetic import SYNTHETIC_CLASS_NAMES, synthetic_sample
 from cps_hf.visualization import segmentation_palette
 from cps_hf.web_demo import SegmentationDemo, class_legend_html, headline_numbers_markdown, pixel_shares
 
