@@ -14,7 +14,7 @@ import datasets
 import numpy as np
 import pytest
 from fault_injection import SCENARIOS, FaultLab, same_weights
-from helpers import tiny_synthetic_config
+from helpers import make_tiny_config
 from PIL import Image as PILImage
 
 from cps_hf import CPSForSemanticSegmentation
@@ -86,9 +86,7 @@ def test_bad_input_stops_with_a_clear_error_and_keeps_what_was_saved(lab, scenar
 def test_a_model_for_other_classes_is_rejected_before_training(lab, tmp_path):
     model_dir = tmp_path / "three-classes"
     CPSForSemanticSegmentation(
-        tiny_synthetic_config(
-            num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}
-        )
+        make_tiny_config(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
     ).save_pretrained(model_dir)
     with pytest.raises(ValueError, match=r"predicts 3 classes but dataset '.*clean' has 5"):
         lab.train(
