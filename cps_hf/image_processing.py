@@ -1,12 +1,10 @@
 """The image processor saved next to every CPS model (normalisation of its timm backbone)."""
 
 import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from transformers import SegformerImageProcessor
 
 from .configuration_cps import CPSConfig
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -16,7 +14,7 @@ def backbone_normalization(backbone: str) -> tuple[tuple[float, ...], tuple[floa
     except RuntimeError:
         pretrained_cfg = None
     if pretrained_cfg is None:
-        return IMAGENET_MEAN, IMAGENET_STD
+        return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     return tuple(pretrained_cfg.mean), tuple(pretrained_cfg.std)
 
 
