@@ -1,6 +1,6 @@
 """Reliability: resuming after SIGKILL, atomic checkpoints, bad input, non-finite losses, determinism, tokens.
 
-The training scenarios live in `tests/fault_injection.py` (also runnable as a script that prints the fault table);
+The training scenarios live in `tools/fault_injection.py` (also runnable as a script that prints the fault table);
 these tests assert their outcomes.
 """
 
@@ -13,7 +13,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from fault_injection import SCENARIOS, FaultLab, same_weights
 from helpers import make_tiny_config
 from PIL import Image as PILImage
 
@@ -25,6 +24,7 @@ from cps_hf.data import (
     UndecodableSampleError,
 )
 from cps_hf.experiment import parse_experiment_arguments, resolve_resume_checkpoint
+from tools.fault_injection import SCENARIOS, FaultLab, same_weights
 
 
 @pytest.fixture(scope="module")
