@@ -120,12 +120,14 @@ def reference_cutmix_step(
     pseudo_labels = []
     with torch.no_grad():
         for branch_index in range(num_branches):
-            source_logits = model.forward_branch(source_images, branch_index)
-            partner_logits = model.forward_branch(partner_images, branch_index)
+            source_logits = model(source_images, branch_index=branch_index).logits
+            partner_logits = model(partner_images, branch_index=branch_index).logits
             pseudo_labels.append(mix_with_mask(source_logits, partner_logits, masks).argmax(dim=1))
     mixed_images = mix_with_mask(source_images, partner_images, masks)
-    student_logits = [model.forward_branch(mixed_images, index) for index in range(num_branches)]
-    labeled_logits = [model.forward_branch(batch["pixel_values"], index) for index in range(num_branches)]
+    student_logits = [model(mixed_images, branch_index=index).logits for index in range(num_branches)]
+    labeled_logits = [
+        model(batch["pixel_values"], branch_index=index).logits for index in range(num_branches)
+    ]
     loss, supervised, cps = _step_losses(
         model, labeled_logits, batch["labels"], student_logits, pseudo_labels, cps_weight
     )

@@ -58,10 +58,11 @@ class SegmentationLogits(nn.Module):
     def forward(self, pixel_values: Tensor) -> Tensor:
         if self.branch == ENSEMBLE:
             branch_logits = tuple(
-                self.model.forward_branch(pixel_values, index) for index in range(len(self.model.branches))
+                self.model(pixel_values, branch_index=index).logits
+                for index in range(len(self.model.branches))
             )
             return ensemble_logits(branch_logits)  # (batch, num_labels, height, width)
-        return self.model.forward_branch(pixel_values, self.branch)
+        return self.model(pixel_values, branch_index=self.branch).logits
 
 
 def export_metadata(module: SegmentationLogits) -> dict[str, str]:

@@ -9,6 +9,7 @@ the ensemble). The protocol of the CPS paper (Chen et al., 2021) is `mode="slide
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -185,8 +186,9 @@ def _single_or_pair(values: list[int] | None) -> int | list[int] | None:
 
 
 def _num_branches(model: nn.Module) -> int | None:
-    """Number of branches of a CPS-like model (`branches` + `forward_branch`), `None` for a plain model."""
-    if hasattr(model, "forward_branch") and hasattr(model, "branches"):
+    """Number of branches of a CPS-like model (`branches` + `forward(..., branch_index=)`), `None` for a plain
+    model."""
+    if hasattr(model, "branches") and "branch_index" in inspect.signature(model.forward).parameters:
         return len(model.branches)
     return None
 
@@ -196,7 +198,7 @@ def _check_branch(model: nn.Module, branch: Any) -> BranchSelection | None:
     if num_branches is None:
         if branch is not None:
             raise ValueError(
-                f"`branch={branch!r}` needs a multi-branch model (with `branches` and `forward_branch`); "
+                f"`branch={branch!r}` needs a multi-branch model (with `branches` and `forward(..., branch_index=)`); "
                 f"{type(model).__name__} has none: pass branch=None."
             )
         return None
@@ -267,7 +269,7 @@ def _forward_branches(
                 output = model(pixel_values=pixel_values)
                 branch_logits.append(output.logits if hasattr(output, "logits") else output[0])
             else:
-                branch_logits.append(model.forward_branch(pixel_values, branch_index))
+                branch_logits.append(model(pixel_values, branch_index=branch_index).logits)
     probabilities = []
     for logits in branch_logits:
         if logits.shape[-2:] != pixel_values.shape[-2:]:
@@ -396,8 +398,9 @@ def predict_branch_probabilities(
 
     Args:
         model (`nn.Module`):
-            A [`~cps_hf.CPSForSemanticSegmentation`] (or any model with `branches` and `forward_branch`), or a
-            plain segmentation model whose output has `logits` (then `branches` must be `None`).
+            A [`~cps_hf.CPSForSemanticSegmentation`] (or any model with `branches` and `forward(...,
+            branch_index=)`), or a plain segmentation model whose output has `logits` (then `branches` must be
+            `None`).
         pixel_values (`torch.Tensor` of shape `(batch, 3, height, width)`):
             Normalised images.
         branches (`Sequence[int | "ensemble"]`, *optional*):

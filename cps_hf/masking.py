@@ -6,6 +6,10 @@ relative area is `p` with a random aspect ratio. Both fractions are then scaled 
 each box covers `p / num_boxes` of the image (a third for the default three boxes), so that the boxes together
 cover about `p` before overlaps. Sides are rounded to whole pixels, positions are uniform with the box fully
 inside the image, and each box toggles the mask, so overlapping parts cancel. The mask is 1 inside the boxes.
+
+Names, here and in the callers: `cutmix_masks` are the box masks (the batch key of the same name); `source` is the
+unlabelled batch that is kept where the mask is 0 and `partner` the batch pasted where it is 1 (for images, the batch
+keys `unlabeled_pixel_values` and `mix_unlabeled_pixel_values`).
 """
 
 from __future__ import annotations
@@ -72,14 +76,14 @@ def _render_toggled_boxes(
     boxes = boxes.to(device)
     rows = torch.arange(height, device=boxes.device).view(1, height, 1)
     columns = torch.arange(width, device=boxes.device).view(1, 1, width)
-    masks = torch.zeros(boxes.shape[0], height, width, dtype=torch.bool, device=boxes.device)
+    cutmix_masks = torch.zeros(boxes.shape[0], height, width, dtype=torch.bool, device=boxes.device)
     # Loop over the few boxes, vectorised over the batch: avoids a (batch, num_boxes, height, width) temporary.
     for box_index in range(boxes.shape[1]):
         top, left, bottom, right = (boxes[:, box_index, k].view(-1, 1, 1) for k in range(4))
         inside_rows = (rows >= top) & (rows < bottom)
         inside_columns = (columns >= left) & (columns < right)
-        masks ^= inside_rows & inside_columns
-    return masks.unsqueeze(1).float()
+        cutmix_masks ^= inside_rows & inside_columns
+    return cutmix_masks.unsqueeze(1).float()
 
 
 def generate_cutmix_masks(
@@ -148,19 +152,19 @@ def generate_cutmix_mask(
     return generate_cutmix_masks(1, height, width, generator, num_boxes, area_range)[0]
 
 
-def mix_with_mask(source: Tensor, mix_source: Tensor, mix_masks: Tensor) -> Tensor:
-    """Mixes two batches with box masks: `source * (1 - m) + mix_source * m`.
+def mix_with_mask(source: Tensor, partner: Tensor, cutmix_masks: Tensor) -> Tensor:
+    """Mixes two batches with box masks: `source * (1 - m) + partner * m`.
 
     Floating-point inputs (images, logits) are blended with the formula above. Integer inputs (label maps) are
-    selected with `torch.where(m != 0, mix_source, source)`, which preserves their dtype.
+    selected with `torch.where(m != 0, partner, source)`, which preserves their dtype.
 
     Args:
         source (`torch.Tensor`):
             Batch kept where the mask is 0, e.g. images `(batch, channels, height, width)` or label maps
             `(batch, height, width)`.
-        mix_source (`torch.Tensor`):
+        partner (`torch.Tensor`):
             Batch pasted where the mask is 1; same shape and dtype as `source`.
-        mix_masks (`torch.Tensor`):
+        cutmix_masks (`torch.Tensor`):
             Masks of shape `(batch, 1, height, width)` (broadcast over channels) or, for label maps,
             `(batch, height, width)`.
 
@@ -168,18 +172,18 @@ def mix_with_mask(source: Tensor, mix_source: Tensor, mix_masks: Tensor) -> Tens
         `torch.Tensor`: the mixed batch, with the shape of `source`.
 
     Raises:
-        ValueError: if `source` and `mix_source` differ in shape or dtype, or the masks cannot be broadcast.
+        ValueError: if `source` and `partner` differ in shape or dtype, or the masks cannot be broadcast.
     """
-    if source.shape != mix_source.shape:
+    if source.shape != partner.shape:
         raise ValueError(
-            f"`source` and `mix_source` must have the same shape, got {tuple(source.shape)} and "
-            f"{tuple(mix_source.shape)}."
+            f"`source` and `partner` must have the same shape, got {tuple(source.shape)} and "
+            f"{tuple(partner.shape)}."
         )
-    if source.dtype != mix_source.dtype:
+    if source.dtype != partner.dtype:
         raise ValueError(
-            f"`source` and `mix_source` must have the same dtype, got {source.dtype} and {mix_source.dtype}."
+            f"`source` and `partner` must have the same dtype, got {source.dtype} and {partner.dtype}."
         )
-    masks = mix_masks
+    masks = cutmix_masks
     # Label maps (batch, H, W) with image-style masks (batch, 1, H, W): drop the channel axis.
     if masks.ndim == source.ndim + 1 and masks.shape[1] == 1:
         masks = masks.squeeze(1)
@@ -189,9 +193,9 @@ def mix_with_mask(source: Tensor, mix_source: Tensor, mix_masks: Tensor) -> Tens
         broadcast_shape = None
     if broadcast_shape != source.shape:
         raise ValueError(
-            f"`mix_masks` of shape {tuple(mix_masks.shape)} cannot be broadcast to {tuple(source.shape)}."
+            f"`cutmix_masks` of shape {tuple(cutmix_masks.shape)} cannot be broadcast to {tuple(source.shape)}."
         )
     if source.is_floating_point() or source.is_complex():
         masks = masks.to(source.dtype)
-        return source * (1 - masks) + mix_source * masks
-    return torch.where(masks != 0, mix_source, source)
+        return source * (1 - masks) + partner * masks
+    return torch.where(masks != 0, partner, source)

@@ -162,15 +162,12 @@ def compute_mean_iou(
             label_map,
             reduce_labels,
         )
+    # Row / column `c` of the overflow matrix also hold the out-of-range predictions / labels of class `c`'s
+    # pixels, so class `c`'s IoU and accuracy count them in its ground-truth / predicted area, as the Hub metric does.
+    iou, accuracy = (scores[:num_labels].numpy() for scores in cps_hf.metrics.class_iou_and_accuracy(matrix))
     counts = matrix.to(torch.float64).numpy()
-    intersection = np.diagonal(counts)[:num_labels]
-    label_area = counts[:num_labels].sum(axis=1)  # includes predictions outside [0, num_labels)
-    predicted_area = counts[:, :num_labels].sum(axis=0)  # includes labels outside [0, num_labels)
-    union = label_area + predicted_area - intersection
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = intersection / union
-        accuracy = intersection / label_area
-        overall_accuracy = intersection.sum() / label_area.sum()
+        overall_accuracy = np.trace(counts[:num_labels, :num_labels]) / counts[:num_labels].sum()
         metrics: dict[str, float | np.ndarray] = {
             "mean_iou": float(np.nanmean(iou)) if not np.isnan(iou).all() else float("nan"),
             "mean_accuracy": float(np.nanmean(accuracy)) if not np.isnan(accuracy).all() else float("nan"),

@@ -17,6 +17,7 @@ from torch import Tensor
 
 __all__ = [
     "StreamingSegmentationMetric",
+    "class_iou_and_accuracy",
     "class_pixel_shares",
     "confusion_matrix",
     "make_compute_metrics",
@@ -62,6 +63,34 @@ def confusion_matrix(predictions: Tensor, labels: Tensor, num_labels: int, ignor
     return counts.view(num_labels, num_labels)
 
 
+def class_iou_and_accuracy(matrix: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-class IoU and accuracy of a confusion matrix (rows ground truth, columns prediction).
+
+    The IoU of class `c` is `matrix[c, c]` over the pixels of row `c` and column `c` together; its accuracy is
+    `matrix[c, c]` over row `c`. A class with union 0 has IoU NaN, a class without ground-truth pixels accuracy NaN.
+
+    Args:
+        matrix (`torch.Tensor` of shape `(num_labels, num_labels)`):
+            Accumulated confusion matrix, e.g. from [`confusion_matrix`].
+
+    Returns:
+        `tuple[torch.Tensor, torch.Tensor]`: IoU and accuracy, each `float64` of shape `(num_labels,)` on CPU.
+
+    Raises:
+        ValueError: if `matrix` is not square.
+    """
+    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
+        raise ValueError(f"`matrix` must be square, got shape {tuple(matrix.shape)}.")
+    counts = matrix.detach().to("cpu", torch.float64)
+    true_positives = counts.diagonal()
+    ground_truth_pixels = counts.sum(dim=1)
+    union = ground_truth_pixels + counts.sum(dim=0) - true_positives
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    iou = torch.where(union > 0, true_positives / union.clamp_min(1), nan)
+    accuracy = torch.where(ground_truth_pixels > 0, true_positives / ground_truth_pixels.clamp_min(1), nan)
+    return iou, accuracy
+
+
 def metrics_from_confusion_matrix(
     matrix: Tensor, id2label: Mapping[int, str] | None = None
 ) -> dict[str, float]:
@@ -82,23 +111,12 @@ def metrics_from_confusion_matrix(
         `dict[str, float]`: `mean_iou`, `overall_accuracy` (pixel accuracy), `mean_accuracy` (mean class
         accuracy) and `iou_<class name>` for every class.
     """
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"`matrix` must be square, got shape {tuple(matrix.shape)}.")
+    iou, class_accuracy = class_iou_and_accuracy(matrix)
     counts = matrix.detach().to("cpu", torch.float64)
-    true_positives = counts.diagonal()
-    ground_truth_pixels = counts.sum(dim=1)
-    predicted_pixels = counts.sum(dim=0)
-    union = ground_truth_pixels + predicted_pixels - true_positives
-    nan = torch.tensor(math.nan, dtype=torch.float64)
-    iou = torch.where(union > 0, true_positives / union.clamp_min(1), nan)
-    class_accuracy = torch.where(
-        ground_truth_pixels > 0, true_positives / ground_truth_pixels.clamp_min(1), nan
-    )
     total_pixels = counts.sum()
-
     metrics = {
         "mean_iou": iou.nanmean().item(),
-        "overall_accuracy": (true_positives.sum() / total_pixels).item() if total_pixels > 0 else math.nan,
+        "overall_accuracy": (counts.trace() / total_pixels).item() if total_pixels > 0 else math.nan,
         "mean_accuracy": class_accuracy.nanmean().item(),
     }
     for class_index, class_iou in enumerate(iou.tolist()):

@@ -372,9 +372,6 @@ class CPSDeepLabV3PlusBranch(nn.Module):
         # are a multiple of their deepest stride; dilated backbones take any size.
         self.input_multiple = max(reductions) if config.output_stride is None else 1
 
-    def head_modules(self) -> list[nn.Module]:
-        return [self.aspp, self.decoder, self.classifier]
-
     def high_level_features(self, features: list[torch.Tensor]) -> torch.Tensor:
         if len(self.high_level_indices) == 1:
             return features[self.high_level_indices[0]]
@@ -501,10 +498,6 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
         for branch in model.branches:
             branch.backbone.load_state_dict(pretrained_state)
         return model
-
-    def forward_branch(self, pixel_values: torch.Tensor, branch_index: int) -> torch.Tensor:
-        """Logits `(batch, num_labels, height, width)` of a single branch."""
-        return self.branches[branch_index](pixel_values)
 
     def forward(
         self,

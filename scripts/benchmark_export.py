@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     branch = int(args.branch)
     with tempfile.TemporaryDirectory() as folder:
         runtimes = {
-            "pytorch": lambda pixel_values: model.forward_branch(pixel_values, branch),
+            "pytorch": lambda pixel_values: model(pixel_values, branch_index=branch).logits,
             "onnxruntime": load_exported_model(
                 export_model(model, Path(folder) / "model.onnx", "onnx", branch=branch),
                 num_threads=args.threads,

@@ -12,15 +12,8 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def tiny_config():
-    from cps_hf import CPSConfig
+    """The tiny CPS config of the tests ([`helpers.make_tiny_config`]): `test_resnet`, slim heads, the synthetic
+    classes."""
+    from helpers import make_tiny_config
 
-    return CPSConfig(
-        backbone="test_resnet",
-        num_labels=3,
-        multi_grid=None,
-        aspp_channels=16,
-        low_level_channels=8,
-        decoder_channels=16,
-        id2label={0: "background", 1: "disc", 2: "square"},
-        label2id={"background": 0, "disc": 1, "square": 2},
-    )
+    return make_tiny_config()

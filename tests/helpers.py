@@ -1,8 +1,9 @@
-"""Building blocks shared by the test modules: a tiny CPS model on the synthetic classes and the launcher
-command that starts two real CPU (gloo) processes."""
+"""Building blocks shared by the test modules: a tiny CPS model on the synthetic classes, the script runner and
+the launcher command that starts two real CPU (gloo) processes."""
 
 import json
-import runpy
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,8 +29,14 @@ TWO_CPU_PROCESSES_LAUNCH = (
 )
 
 
-def tiny_synthetic_config(**overrides) -> CPSConfig:
-    """A CPS config on timm's `test_resnet` with slim heads and the synthetic dataset's class names."""
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# One thread per script process: the models are tiny, and the machine may be busy.
+SCRIPT_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def make_tiny_config(**overrides) -> CPSConfig:
+    """A CPS config on timm's `test_resnet` with slim heads and the synthetic dataset's class names (the
+    `tiny_config` fixture); `overrides` replace any field."""
     values = dict(
         backbone="test_resnet",
         num_labels=len(SYNTHETIC_CLASS_NAMES),
@@ -46,17 +53,30 @@ def tiny_synthetic_config(**overrides) -> CPSConfig:
 
 def save_tiny_model(model_dir: Path, seed: int = 0) -> Path:
     """Saves a freshly initialised tiny model and its image processor, as a training run would."""
-    config = tiny_synthetic_config()
+    config = make_tiny_config()
     torch.manual_seed(seed)
     CPSForSemanticSegmentation(config).save_pretrained(model_dir)
     create_image_processor(config).save_pretrained(model_dir)
     return model_dir
 
 
-def run_script(name: str, argv: list[str]) -> None:
-    """Runs `scripts/<name>.py`'s `main(argv)` in this process (no interpreter start-up, unlike a subprocess)."""
-    script = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    runpy.run_path(str(script), run_name=f"scripts.{name}")["main"](argv)
+def run_script(
+    name: str,
+    *arguments: str,
+    launcher: tuple[str, ...] = (),
+    extra_env: dict[str, str] | None = None,
+    returncode: int = 0,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Runs `scripts/<name>.py` as a user does, in a fresh interpreter (behind `launcher`, e.g. `-m accelerate
+    ...`), and asserts its exit status: `returncode` 0 by default; 1 for an uncaught exception or
+    `SystemExit("message")`, 2 for an argparse error. Returns the finished process (text `stdout`, `stderr`)."""
+    command = [sys.executable, *launcher, str(REPO_ROOT / "scripts" / f"{name}.py"), *arguments]
+    result = subprocess.run(
+        command, env={**SCRIPT_ENV, **(extra_env or {})}, capture_output=True, text=True, timeout=timeout
+    )
+    assert result.returncode == returncode, result.stderr[-4000:]
+    return result
 
 
 def save_tiny_run(

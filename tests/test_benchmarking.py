@@ -1,12 +1,9 @@
 import copy
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_script
 from torch import nn
 
 from cps_hf import CPSConfig, CPSForSemanticSegmentation
@@ -20,7 +17,6 @@ from cps_hf.benchmarking import (
     run_benchmark,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 BATCH_SIZE, CROP_SIZE, NUM_LABELS, CPS_WEIGHT = 2, 32, 3, 1.0
 REPORT_KEYS = {
     "reference_step_seconds",
@@ -227,13 +223,10 @@ def test_benchmark_steps_times_only_the_requested_steps():
 def test_benchmark_script_writes_the_report(tmp_path):
     output_json = tmp_path / "benchmark.json"
     # In-process: two spawned interpreters would double the run time; the isolated path is tested (slow) below.
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "benchmark.py")]
-    command += ["--backbone", "test_resnet", "--multi_grid", "0", "--num_labels", "3", "--crop_size", "32"]
-    command += ["--batch_size", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--dtype", "bf16"]
-    command += ["--num_threads", "1", "--isolate_processes", "false", "--output_json", str(output_json)]
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    completed = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=120)
-    assert completed.returncode == 0, completed.stderr
+    arguments = ["--backbone", "test_resnet", "--multi_grid", "0", "--num_labels", "3", "--crop_size", "32"]
+    arguments += ["--batch_size", "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--dtype", "bf16"]
+    arguments += ["--num_threads", "1", "--isolate_processes", "false", "--output_json", str(output_json)]
+    completed = run_script("benchmark", *arguments, timeout=120)
     assert "speedup" in completed.stdout
     report = json.loads(output_json.read_text())
     assert REPORT_KEYS <= report.keys()

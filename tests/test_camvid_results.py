@@ -32,7 +32,7 @@ def test_results_summarise_every_variant_over_seeds(tmp_path):
     output = tmp_path / "results.json"
 
     run_script(
-        "camvid_results", ["--runs_dir", str(runs_dir), "--config", str(config), "--output", str(output)]
+        "camvid_results", "--runs_dir", str(runs_dir), "--config", str(config), "--output", str(output)
     )
 
     report = json.loads(output.read_text())
@@ -67,7 +67,12 @@ def test_results_summarise_every_variant_over_seeds(tmp_path):
 
 def test_results_without_finished_runs_fail_clearly(tmp_path):
     (tmp_path / "runs").mkdir()
-    with pytest.raises(SystemExit, match="No finished run"):
-        run_script(
-            "camvid_results", ["--runs_dir", str(tmp_path / "runs"), "--output", str(tmp_path / "r.json")]
-        )
+    result = run_script(
+        "camvid_results",
+        "--runs_dir",
+        str(tmp_path / "runs"),
+        "--output",
+        str(tmp_path / "r.json"),
+        returncode=1,
+    )
+    assert "No finished run" in result.stderr

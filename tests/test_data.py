@@ -684,7 +684,7 @@ def test_make_splits_script(tmp_path: Path) -> None:
     datasets.DatasetDict({"train": dataset}).save_to_disk(str(tmp_path / "data"))
     output = tmp_path / "splits"
     arguments = ["--dataset", str(tmp_path / "data"), "--fractions", "1/4", "1/2", "--seed", "1"]
-    run_script("make_splits", [*arguments, "--output", str(output)])
+    run_script("make_splits", *arguments, "--output", str(output))
     manifest = json.loads((output / "splits.json").read_text())
     assert manifest["seed"] == 1 and manifest["num_rows"] == 20
     assert {tag: entry["num_labeled"] for tag, entry in manifest["partitions"].items()} == {

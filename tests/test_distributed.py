@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from fault_injection import PROBE, REPO_ROOT, FaultLab, loss_history
 from helpers import TWO_CPU_PROCESSES_LAUNCH
 from safetensors.torch import load_file
 
 from cps_hf.data.synthetic import make_synthetic_segmentation_dataset
+from tools.fault_injection import PROBE, REPO_ROOT, FaultLab, loss_history
 
 NUM_TRAIN, NUM_VAL, MAX_STEPS = 16, 5, 3
 # 16 rows, 4 labelled: 12 items per epoch; 3 steps of 2 processes x 2 items visit each exactly once.

@@ -23,13 +23,15 @@ from cps_hf.inference import (
     predict_probabilities,
 )
 from cps_hf.metrics import confusion_matrix, metrics_from_confusion_matrix
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_PALETTE
 from cps_hf.visualization import IGNORE_COLOR, colorize_mask, overlay, segmentation_palette
 
-NUM_LABELS = 3
+NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
 
 
 class ToyBranchModel(nn.Module):
-    """A CPS-like model made of arbitrary per-branch modules (same `branches` / `forward_branch` interface)."""
+    """A CPS-like model made of arbitrary per-branch modules (same `branches` / `forward(..., branch_index=)`
+    interface)."""
 
     def __init__(self, branches: list[nn.Module], inference_branch: int | str = 0):
         super().__init__()
@@ -38,11 +40,11 @@ class ToyBranchModel(nn.Module):
             inference_branch=inference_branch,
             num_labels=NUM_LABELS,
             semantic_loss_ignore_index=255,
-            id2label={0: "background", 1: "disc", 2: "square"},
+            id2label=dict(enumerate(SYNTHETIC_CLASS_NAMES)),
         )
 
-    def forward_branch(self, pixel_values: torch.Tensor, branch_index: int) -> torch.Tensor:
-        return self.branches[branch_index](pixel_values)
+    def forward(self, pixel_values: torch.Tensor, branch_index: int) -> SimpleNamespace:
+        return SimpleNamespace(logits=self.branches[branch_index](pixel_values))
 
 
 def pointwise_model(seed: int = 0, num_branches: int = 2) -> ToyBranchModel:
@@ -132,8 +134,8 @@ def test_flip_averages_with_the_flipped_prediction():
     model = horizontal_model()
     pixel_values = random_images()
     with torch.no_grad():
-        plain = model.forward_branch(pixel_values, 0).softmax(dim=1)
-        flipped = model.forward_branch(pixel_values.flip(-1), 0).softmax(dim=1).flip(-1)
+        plain = model(pixel_values, branch_index=0).logits.softmax(dim=1)
+        flipped = model(pixel_values.flip(-1), branch_index=0).logits.softmax(dim=1).flip(-1)
     assert not torch.allclose(plain, flipped)
     torch.testing.assert_close(predict_probabilities(model, pixel_values, flip=True), (plain + flipped) / 2)
 
@@ -160,7 +162,7 @@ def test_multi_scale_averages_the_resized_predictions():
                 mode="bilinear",
                 align_corners=False,
             )
-            probabilities = model.forward_branch(scaled, 0).softmax(dim=1)
+            probabilities = model(scaled, branch_index=0).logits.softmax(dim=1)
             expected.append(F.interpolate(probabilities, size=(20, 30), mode="bilinear", align_corners=False))
     result = predict_probabilities(model, pixel_values, scales=(0.5, 1.5))
     torch.testing.assert_close(result, (expected[0] + expected[1]) / 2)
@@ -320,7 +322,7 @@ def test_evaluate_model_matches_metrics_computed_by_hand(tiny_model, ignore_inde
         expected = hand_metrics(predictions, [item["labels"].numpy() for item in items], ignore_index)
         for key, value in expected.items():
             assert results[name][key] == pytest.approx(value, abs=1e-12), (name, key)
-        assert {f"iou_{label}" for label in ("background", "disc", "square")} <= set(results[name])
+        assert {f"iou_{label}" for label in tiny_model.config.id2label.values()} <= set(results[name])
 
 
 def test_evaluate_model_takes_a_loader_and_a_branch_subset(tiny_model):
@@ -335,7 +337,7 @@ def test_evaluate_model_takes_a_loader_and_a_branch_subset(tiny_model):
     assert list(from_loader) == ["branch_1"]
     assert from_loader["branch_1"] == from_dataset["branch_1"]
     table = format_results_table(from_dataset, tiny_model.config.id2label)
-    assert "square" in table and "mIoU" in table and "ensemble" in table
+    assert "checkered_square" in table and "mIoU" in table and "ensemble" in table
 
 
 def test_evaluate_model_rejects_a_raw_hf_dataset(tiny_model):

@@ -1,6 +1,6 @@
 """Reliability: resuming after SIGKILL, atomic checkpoints, bad input, non-finite losses, determinism, tokens.
 
-The training scenarios live in `tests/fault_injection.py` (also runnable as a script that prints the fault table);
+The training scenarios live in `tools/fault_injection.py` (also runnable as a script that prints the fault table);
 these tests assert their outcomes.
 """
 
@@ -13,8 +13,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
-from fault_injection import SCENARIOS, FaultLab, same_weights
-from helpers import tiny_synthetic_config
+from helpers import make_tiny_config
 from PIL import Image as PILImage
 
 from cps_hf import CPSForSemanticSegmentation
@@ -26,6 +25,7 @@ from cps_hf.data import (
     UndecodableSampleError,
 )
 from cps_hf.experiment import parse_experiment_arguments, resolve_resume_checkpoint
+from tools.fault_injection import SCENARIOS, FaultLab, same_weights
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +87,7 @@ def test_bad_input_stops_with_a_clear_error_and_keeps_what_was_saved(lab, scenar
 def test_a_model_for_other_classes_is_rejected_before_training(lab, tmp_path):
     model_dir = tmp_path / "three-classes"
     CPSForSemanticSegmentation(
-        tiny_synthetic_config(
-            num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2}
-        )
+        make_tiny_config(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}, label2id={"a": 0, "b": 1, "c": 2})
     ).save_pretrained(model_dir)
     with pytest.raises(ValueError, match=r"predicts 3 classes but dataset '.*clean' has 5"):
         lab.train(

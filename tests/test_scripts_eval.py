@@ -1,13 +1,10 @@
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from helpers import TWO_CPU_PROCESSES_LAUNCH, save_tiny_model
+from helpers import TWO_CPU_PROCESSES_LAUNCH, run_script, save_tiny_model
 from PIL import Image as PILImage
 from transformers import AutoImageProcessor
 
@@ -16,15 +13,7 @@ from cps_hf.data import SegmentationTransform, SupervisedSegmentationDataset, lo
 from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.inference import evaluate_model, load_image_normalization
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
-# One thread per process: the models are tiny, and the machine may be busy.
-SUBPROCESS_ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 
 @pytest.fixture(scope="module")
@@ -41,16 +30,6 @@ def saved_dataset(tmp_path_factory) -> Path:
     )
     splits.save_to_disk(str(dataset_dir))
     return dataset_dir
-
-
-def run_script(
-    name: str, *arguments: str, launcher: tuple[str, ...] = (), extra_env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    command = [sys.executable, *launcher, str(REPO_ROOT / "scripts" / name), *arguments]
-    environment = {**SUBPROCESS_ENV, **(extra_env or {})}
-    result = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def evaluation_arguments(saved_model: Path, saved_dataset: Path, output_json: Path) -> list[str]:
@@ -71,7 +50,7 @@ def evaluation_arguments(saved_model: Path, saved_dataset: Path, output_json: Pa
 
 def test_evaluate_script_reports_every_branch_and_the_ensemble(tmp_path, saved_model, saved_dataset):
     output_json = tmp_path / "eval.json"
-    result = run_script("evaluate_cps.py", *evaluation_arguments(saved_model, saved_dataset, output_json))
+    result = run_script("evaluate_cps", *evaluation_arguments(saved_model, saved_dataset, output_json))
     report = json.loads(output_json.read_text())
     assert list(report["results"]) == ["branch_0", "branch_1", "ensemble"]
     assert report["num_images"] == 4 and report["images_per_second"] > 0
@@ -109,7 +88,7 @@ def test_predict_script_writes_palette_masks_and_overlays(tmp_path, saved_model)
         PILImage.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
     output_dir = tmp_path / "predictions"
     run_script(
-        "predict.py",
+        "predict",
         "--model",
         str(saved_model),
         "--output_dir",
@@ -138,10 +117,10 @@ def test_predict_script_writes_palette_masks_and_overlays(tmp_path, saved_model)
 @pytest.mark.slow
 def test_evaluate_script_under_two_processes_matches_one(tmp_path, saved_model, saved_dataset):
     single_json, double_json = tmp_path / "single.json", tmp_path / "double.json"
-    run_script("evaluate_cps.py", *evaluation_arguments(saved_model, saved_dataset, single_json))
+    run_script("evaluate_cps", *evaluation_arguments(saved_model, saved_dataset, single_json))
     launcher = TWO_CPU_PROCESSES_LAUNCH[1:]
     result = run_script(
-        "evaluate_cps.py",
+        "evaluate_cps",
         *evaluation_arguments(saved_model, saved_dataset, double_json),
         launcher=launcher,
         extra_env={"ACCELERATE_USE_CPU": "1"},

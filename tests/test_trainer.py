@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_synthetic_config
+from helpers import make_tiny_config
 from safetensors.torch import load_file
 from timm.layers import BatchNormAct2d
 from timm.layers.norm_act import SyncBatchNormAct
@@ -47,7 +47,7 @@ def synthetic_splits(synthetic_cache):
 
 
 def small_model() -> CPSForSemanticSegmentation:
-    return CPSForSemanticSegmentation(tiny_synthetic_config())
+    return CPSForSemanticSegmentation(make_tiny_config())
 
 
 def paired_dataset(splits, cutmix: bool = False) -> SemiSupervisedSegmentationDataset:
@@ -123,8 +123,8 @@ def test_plain_cps_loss_matches_hand_computation(tmp_path, synthetic_splits):
     batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
     torch.manual_seed(0)
     loss, terms, _ = trainer.cps_step_loss(model, batch)
-    labeled = [model.forward_branch(batch["pixel_values"], i) for i in range(2)]
-    unlabeled = [model.forward_branch(batch["unlabeled_pixel_values"], i) for i in range(2)]
+    labeled = [model(batch["pixel_values"], branch_index=i).logits for i in range(2)]
+    unlabeled = [model(batch["unlabeled_pixel_values"], branch_index=i).logits for i in range(2)]
     supervised = sum(supervised_cross_entropy(logits, batch["labels"]) for logits in labeled)
     cps = cross_pseudo_supervision_loss([torch.cat(pair) for pair in zip(labeled, unlabeled)])
     torch.testing.assert_close(loss, supervised + 1.5 * cps)
@@ -137,7 +137,10 @@ def test_cps_confidence_threshold_ignores_unconfident_pseudo_labels(tmp_path, sy
     with torch.no_grad():
         joint = [
             torch.cat(
-                [model.forward_branch(batch[key], i) for key in ("pixel_values", "unlabeled_pixel_values")]
+                [
+                    model(batch[key], branch_index=i).logits
+                    for key in ("pixel_values", "unlabeled_pixel_values")
+                ]
             )
             for i in range(2)
         ]
@@ -168,8 +171,8 @@ def test_n_cps_with_three_branches(tmp_path, synthetic_splits):
     )
     batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
     loss, terms, _ = trainer.cps_step_loss(model, batch)
-    labeled = [model.forward_branch(batch["pixel_values"], i) for i in range(3)]
-    unlabeled = [model.forward_branch(batch["unlabeled_pixel_values"], i) for i in range(3)]
+    labeled = [model(batch["pixel_values"], branch_index=i).logits for i in range(3)]
+    unlabeled = [model(batch["unlabeled_pixel_values"], branch_index=i).logits for i in range(3)]
     joint = [torch.cat(pair) for pair in zip(labeled, unlabeled)]
     # Every branch learns from both others' argmax maps; the sum over ordered pairs is divided by n - 1 = 2.
     expected_cps = (
@@ -195,26 +198,26 @@ def test_cutmix_pseudo_labels_are_mixed_teacher_predictions(tmp_path, synthetic_
     trainer = CPSTrainer(model=model, args=args, train_dataset=paired_dataset(synthetic_splits, cutmix=True))
     batch = collate_semi_supervised([trainer.train_dataset[i] for i in range(2)])
     assert not torch.equal(batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"])
-    masks = batch["cutmix_masks"]
+    cutmix_masks = batch["cutmix_masks"]
     # Teachers first: in eval mode they read the running statistics the step's student passes then update.
     model.train(pseudo_label_mode == "train")
     with torch.no_grad():
         pseudo_labels = [
             mix_with_mask(
-                model.forward_branch(batch["unlabeled_pixel_values"], i),
-                model.forward_branch(batch["mix_unlabeled_pixel_values"], i),
-                masks,
+                model(batch["unlabeled_pixel_values"], branch_index=i).logits,
+                model(batch["mix_unlabeled_pixel_values"], branch_index=i).logits,
+                cutmix_masks,
             ).argmax(1)
             for i in range(2)
         ]
     model.train()
     loss, terms, _ = trainer.cps_step_loss(model, batch)
     assert model.training
-    mixed = mix_with_mask(batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"], masks)
-    students = [model.forward_branch(mixed, i) for i in range(2)]
+    mixed = mix_with_mask(batch["unlabeled_pixel_values"], batch["mix_unlabeled_pixel_values"], cutmix_masks)
+    students = [model(mixed, branch_index=i).logits for i in range(2)]
     expected_cps = cross_pseudo_supervision_loss(students, pseudo_labels)
     torch.testing.assert_close(terms["loss_cps"], expected_cps.detach())
-    labeled = [model.forward_branch(batch["pixel_values"], i) for i in range(2)]
+    labeled = [model(batch["pixel_values"], branch_index=i).logits for i in range(2)]
     expected = sum(supervised_cross_entropy(logits, batch["labels"]) for logits in labeled) + expected_cps
     torch.testing.assert_close(loss, expected)
 
@@ -651,7 +654,7 @@ def test_cps_weight_warmup_ramps_lambda_linearly(tmp_path, synthetic_splits):
 
 def test_sync_batchnorm_keeps_the_activation_of_timm_norm_act_layers():
     torch.manual_seed(0)
-    model = CPSForSemanticSegmentation(tiny_synthetic_config(backbone="test_efficientnet")).train()
+    model = CPSForSemanticSegmentation(make_tiny_config(backbone="test_efficientnet")).train()
     norm_act_count = sum(isinstance(module, BatchNormAct2d) for module in model.modules())
     assert norm_act_count > 0
     model(torch.randn(2, 3, 32, 32))  # running statistics away from their initial values

@@ -1,19 +1,13 @@
-import contextlib
-import io
 import json
 import math
-import os
-import runpy
-import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import datasets
 import numpy as np
 import pytest
 import torch
-from helpers import save_tiny_model
+from helpers import run_script, save_tiny_model
 from PIL import Image as PILImage
 
 from cps_hf import CPSForSemanticSegmentation
@@ -37,15 +31,8 @@ from cps_hf.visualization import (
 
 pytest.importorskip("matplotlib")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
 PALETTE = segmentation_palette(NUM_LABELS)
-SUBPROCESS_ENV = {
-    **os.environ,
-    "HF_HUB_OFFLINE": "1",
-    "OMP_NUM_THREADS": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 
 # Images of (height, width) = (20, 30) in cells of height 40: scaled exactly 2x into 60 x 40 cells.
 LAYOUT = GridLayout(cell_height=40, margin=5, gap=3, title_height=20)
@@ -379,36 +366,10 @@ def saved_dataset(tmp_path_factory) -> Path:
     return dataset_dir
 
 
-def run_visualize(*arguments: str, in_process: bool = False) -> str:
-    """Runs scripts/visualize.py and returns its standard output: in a subprocess, or in this process (no import
-    cost) through `runpy`."""
-    script = REPO_ROOT / "scripts" / "visualize.py"
-    if in_process:
-        stdout = io.StringIO()
-        with mock.patch.object(sys, "argv", [str(script), *arguments]), contextlib.redirect_stdout(stdout):
-            runpy.run_path(str(script), run_name="__main__")
-        return stdout.getvalue()
-    result = subprocess.run(
-        [sys.executable, str(script), *arguments],
-        env=SUBPROCESS_ENV,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
-
-
-# A subprocess pays ~5 s of imports on a busy machine: the fast run drives the iou and curves figures in process.
-RUNNERS = [
-    pytest.param(True, id="in_process"),
-    pytest.param(False, id="subprocess", marks=pytest.mark.slow),
-]
-
-
 def test_visualize_script_grid(tmp_path, saved_model, saved_dataset):
     output = tmp_path / "figures" / "grid.png"
-    stdout = run_visualize(
+    stdout = run_script(
+        "visualize",
         "--figure", "grid",
         "--models", f"first={saved_model}", f"second={saved_model}",
         "--dataset_name", str(saved_dataset),
@@ -416,7 +377,7 @@ def test_visualize_script_grid(tmp_path, saved_model, saved_dataset):
         "--seed", "1",
         "--cell_height", "48",
         "--output", str(output),
-    )  # fmt: skip
+    ).stdout  # fmt: skip
     grid = np.asarray(PILImage.open(output).convert("RGB"))
     layout = GridLayout(cell_height=48)
     # 3 rows of 32 x 32 images in 48 x 48 cells, 4 columns, row titles (the sample ids), and a legend.
@@ -446,36 +407,34 @@ def test_visualize_script_grid(tmp_path, saved_model, saved_dataset):
         np.testing.assert_array_equal(cells[2], cells[3])  # the same model in both columns
 
 
-@pytest.mark.parametrize("in_process", RUNNERS)
-def test_visualize_script_iou(tmp_path, in_process):
+def test_visualize_script_iou(tmp_path):
     sup_file = write_trainer_results(tmp_path / "sup", {"background": 0.9, "disc": 0.4, "square": 0.3})
     (tmp_path / "sup" / "config.json").write_text(json.dumps({"id2label": dict(enumerate(CLASS_NAMES))}))
     cps_file = write_evaluate_results(tmp_path / "cps_eval.json")
     iou_png = tmp_path / "iou.png"
-    stdout = run_visualize(
+    stdout = run_script(
+        "visualize",
         "--figure", "iou",
         "--results", f"supervised-only={sup_file}", f"CPS={cps_file}",
         "--entries", "ensemble",
         "--output", str(iou_png),
-        in_process=in_process,
-    )  # fmt: skip
+    ).stdout  # fmt: skip
     assert "iou figure" in stdout
     chart = PILImage.open(iou_png).convert("RGB")
     assert chart.width >= 600 and len(distinct_colors(chart)) > 20
     assert {hex_color(_RUN_COLORS[0]), hex_color(_RUN_COLORS[1])} <= distinct_colors(chart)
 
 
-@pytest.mark.parametrize("in_process", RUNNERS)
-def test_visualize_script_curves(tmp_path, in_process):
+def test_visualize_script_curves(tmp_path):
     write_trainer_state(tmp_path / "sup", log_history(100, with_cps=False, with_eval=True))
     write_trainer_state(tmp_path / "cps", log_history(100, with_cps=True, with_eval=True))
     curves_png = tmp_path / "curves.png"
-    run_visualize(
+    run_script(
+        "visualize",
         "--figure", "curves",
         "--runs", f"supervised-only={tmp_path / 'sup'}", f"CPS={tmp_path / 'cps'}",
         "--smoothing", "0.5",
         "--output", str(curves_png),
-        in_process=in_process,
     )  # fmt: skip
     curves = PILImage.open(curves_png).convert("RGB")
     assert curves.size == (1260, 650) and len(distinct_colors(curves)) > 20

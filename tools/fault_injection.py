@@ -1,6 +1,6 @@
 """Fault injection: short CPS trainings on a tiny saved dataset, each with one fault, and what became of them.
 
-    PYTHONPATH=. python tests/fault_injection.py [--workdir DIR]   # prints a markdown table: fault -> outcome
+    PYTHONPATH=. python tools/fault_injection.py [--workdir DIR]   # prints a markdown table: fault -> outcome
 
 `tests/test_reliability.py` runs the same scenarios and asserts their outcomes. Faults in the data hit a run that
 resumes from a checkpoint written by an earlier, clean run of two steps (`checkpoint-2`), so each outcome also says
@@ -269,7 +269,7 @@ class FaultLab:
         return output_dir
 
     def killed_run(self, during: str, step: int) -> Path:
-        """The interrupted run, SIGKILLed at `step` (see `tests/train_probe.py`) in its own process: its folder and
+        """The interrupted run, SIGKILLed at `step` (see `tools/train_probe.py`) in its own process: its folder and
         the process's exit code (run once per `(during, step)`)."""
         key = (during, step)
         if key not in self._killed_runs:

@@ -1,6 +1,6 @@
 """Runs `scripts/train_cps.py` (same arguments) with test instrumentation chosen by environment variables.
 
-Only the tests and `tests/fault_injection.py` set these variables; the library never reads them.
+Only the tests and `tools/fault_injection.py` set these variables; the library never reads them.
 
 - `CPS_PROBE_RECORD_DIR`: at exit, write `rank-<RANK>.json` there with every file-system write the process made
   (`writes`: `[event, path]`, from Python's audit hooks: opening a file for writing, mkdir, rename, remove) and every
@@ -9,7 +9,7 @@ Only the tests and `tests/fault_injection.py` set these variables; the library n
   (`CPS_PROBE_KILL_DURING=step`, the default) or while saving checkpoint N, after its weights and before its
   optimizer state are written (`CPS_PROBE_KILL_DURING=save`).
 
-    python tests/train_probe.py --output_dir runs/x ...   # any train_cps.py arguments
+    python tools/train_probe.py --output_dir runs/x ...   # any train_cps.py arguments
 """
 
 from __future__ import annotations
