@@ -26,7 +26,6 @@ from transformers.utils import logging
 
 from .data import decode_image, size_pair
 from .image_processing import backbone_normalization
-from .modelcard import is_local_path
 from .modeling_cps import CPSForSemanticSegmentation
 
 logger = logging.get_logger(__name__)
@@ -36,6 +35,7 @@ __all__ = [
     "InferenceProtocol",
     "InferenceProtocolArguments",
     "branch_result_name",
+    "is_local_path",
     "load_image_normalization",
     "load_model",
     "parse_branch_selection",
@@ -562,6 +562,11 @@ def predict_segmentation(
         model, ((pixels - mean) / std).unsqueeze(0), protocol=protocol, branch=branch
     )
     return probabilities[0].argmax(dim=0).cpu()
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model or dataset name is a local path rather than a Hub id (which has at most one `/`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
 def load_model(model_name_or_path: str) -> CPSForSemanticSegmentation:
