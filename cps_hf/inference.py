@@ -140,7 +140,8 @@ class InferenceProtocol:
     def to_json_dict(self) -> dict[str, Any]:
         """What defines the measured numbers, as JSON-ready values (the `protocol` of evaluation reports):
         `mode`, `crop_size` and `stride` (`[height, width]` or `None`), `scales`, `flip`.
-        `InferenceProtocol(**protocol.to_json_dict())` gives the protocol back."""
+        `InferenceProtocol(**protocol.to_json_dict())` predicts the same (window batch size and autocast at their
+        defaults)."""
         return {
             "mode": self.mode,
             "crop_size": list(self.crop_size) if self.crop_size is not None else None,

@@ -451,7 +451,7 @@ def render_model_card(
         ],
     }
     template = jinja2.Template(Path(template_path or MODEL_CARD_TEMPLATE).read_text(encoding="utf-8"))
-    phrases = template.make_module(values)  # the template's macros, to name the evaluations in the metadata
+    template_macros = template.make_module(values)  # to name the evaluations in the metadata
 
     tags = [*CARD_TAGS, config.backbone]
     if supervised_only:
@@ -462,7 +462,7 @@ def render_model_card(
     for evaluation, shown in zip(evaluations, evaluation_values):
         if evaluation.metrics.get("mean_iou") is None:
             continue
-        protocol_text = str(phrases.protocol_description(shown))
+        protocol_text = str(template_macros.protocol_description(shown))
         eval_results.append(
             EvalResult(
                 task_type=TASK_TYPE,
