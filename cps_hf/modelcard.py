@@ -406,8 +406,8 @@ def render_model_card(
         config (`CPSConfig`, *optional*):
             The model's configuration (default: read from `model_dir`).
         template_path (`str` or `Path`, *optional*):
-            A Jinja template (default: `cps_hf/templates/model_card.md`); besides the card it defines the macros
-            `evaluation_label` and `protocol_description` that name each evaluation in the metadata.
+            A Jinja template (default: `cps_hf/templates/model_card.md`); besides the card it defines the macro
+            `protocol_description(evaluation)` that names each evaluation in the metadata.
         example_images (`Sequence[str]`, *optional*):
             Names of example images uploaded with the model: the `widget` metadata shows them on the model page
             (needs `repo_id`).
