@@ -1,49 +1,42 @@
-"""Inference and evaluation protocols: whole image or sliding window, multi-scale and flip test-time augmentation,
-any branch or the ensemble, and a one-pass evaluation of every branch with a distributed confusion matrix.
+"""Inference protocols: whole image or sliding window, multi-scale and flip test-time augmentation, any branch or
+the ensemble, described by one [`InferenceProtocol`]; and loading a saved model with its image normalisation.
 
 Every prediction is a map of class *probabilities*: test-time augmentation, overlapping windows and the ensemble all
 average softmax probabilities, so the pieces compose (the ensemble of flip-averaged branches is the flip-average of
 the ensemble). The protocol of the CPS paper (Chen et al., 2021) is `mode="slide"` with `crop_size=512` (VOC) or 800
-(Cityscapes), the default stride `ceil(2/3 * crop_size)`, a single scale and no flip.
+(Cityscapes), the default stride `ceil(2/3 * crop_size)`, a single scale and no flip. [`~cps_hf.evaluation`] scores
+a labelled split under a protocol.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import constants
 from PIL import Image as PILImage
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .data import collate_semi_supervised, decode_image, size_pair
+from .data import decode_image, size_pair
 from .image_processing import backbone_normalization
-from .metrics import StreamingSegmentationMetric, class_pixel_shares, metrics_from_confusion_matrix
-from .modelcard import is_local_path
 from .modeling_cps import CPSForSemanticSegmentation
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
 
 logger = logging.get_logger(__name__)
 
 __all__ = [
     "ENSEMBLE",
+    "InferenceProtocol",
+    "InferenceProtocolArguments",
     "branch_result_name",
-    "describe_protocol",
-    "evaluate_model",
-    "format_results_table",
+    "is_local_path",
     "load_image_normalization",
     "load_model",
     "parse_branch_selection",
@@ -64,63 +57,92 @@ InferenceMode = Literal["whole", "slide"]
 
 
 @dataclass(frozen=True)
-class _Protocol:
-    """A validated inference protocol."""
+class InferenceProtocol:
+    """How a model predicts a whole image: the protocol that evaluation, prediction, figures and model cards share.
 
-    mode: InferenceMode
-    crop_size: tuple[int, int] | None
-    stride: tuple[int, int] | None
-    scales: tuple[float, ...]
-    flip: bool
-    window_batch_size: int
-    autocast_dtype: torch.dtype | None
+    Sizes are validated and resolved on construction: `crop_size` and `stride` become `(height, width)` pairs and the
+    sliding-window stride defaults to the paper's `ceil(2/3 * crop_size)`.
 
-    @classmethod
-    def create(
-        cls,
-        mode: str = "whole",
-        crop_size: int | Sequence[int] | None = None,
-        stride: int | Sequence[int] | None = None,
-        scales: Sequence[float] = (1.0,),
-        flip: bool = False,
-        window_batch_size: int = 8,
-        autocast_dtype: torch.dtype | None = None,
-    ) -> _Protocol:
-        if mode not in ("whole", "slide"):
-            raise ValueError(f"`mode` must be 'whole' or 'slide', got {mode!r}.")
-        if mode == "whole" and (crop_size is not None or stride is not None):
+    Args:
+        mode (`str`, *optional*, defaults to `"whole"`):
+            `"whole"` (one forward pass on the full image) or `"slide"` (sliding window).
+        crop_size (`int` or `tuple[int, int]`, *optional*):
+            Window `(height, width)` (one int: a square); required for `mode="slide"`, not allowed otherwise.
+        stride (`int` or `tuple[int, int]`, *optional*):
+            Window step; defaults to `ceil(2/3 * crop_size)`.
+        scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`):
+            Test-time scale factors.
+        flip (`bool`, *optional*, defaults to `False`):
+            Also average the prediction of the horizontally flipped image.
+        window_batch_size (`int`, *optional*, defaults to 8):
+            Number of windows (over the whole batch) per forward pass in `"slide"` mode; does not change the result.
+        autocast_dtype (`torch.dtype`, *optional*):
+            Run the model under `torch.autocast` with this dtype (e.g. `torch.bfloat16` on CUDA); off by default.
+            Probabilities are always computed and averaged in float32.
+
+    Raises:
+        ValueError: for an unknown mode, a missing or misplaced crop size, a stride larger than the crop, no or
+            non-positive scales, a window batch size below 1 or a non-floating autocast dtype.
+
+    Example:
+
+    ```python
+    >>> InferenceProtocol(mode="slide", crop_size=512).stride  # the paper's VOC protocol
+    (342, 342)
+    ```
+    """
+
+    mode: InferenceMode = "whole"
+    crop_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    scales: tuple[float, ...] = (1.0,)
+    flip: bool = False
+    window_batch_size: int = 8
+    autocast_dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("whole", "slide"):
+            raise ValueError(f"`mode` must be 'whole' or 'slide', got {self.mode!r}.")
+        if self.mode == "whole" and (self.crop_size is not None or self.stride is not None):
             raise ValueError(
-                f"`crop_size` ({crop_size!r}) and `stride` ({stride!r}) only apply to mode='slide'; got mode='whole'."
+                f"`crop_size` ({self.crop_size!r}) and `stride` ({self.stride!r}) only apply to mode='slide'; got "
+                "mode='whole'."
             )
-        crop_pair = stride_pair = None
-        if mode == "slide":
-            if crop_size is None:
+        if self.mode == "slide":
+            if self.crop_size is None:
                 raise ValueError("mode='slide' needs a `crop_size` (e.g. 512 for VOC, 800 for Cityscapes).")
-            crop_pair = size_pair(crop_size, "crop_size")
-            if stride is None:
+            crop_size = size_pair(self.crop_size, "crop_size")
+            if self.stride is None:
                 # The paper's stride: ceil(2/3 * crop), i.e. windows overlap by about a third.
-                stride_pair = tuple(-(-2 * side // 3) for side in crop_pair)
+                stride = (-(-2 * crop_size[0] // 3), -(-2 * crop_size[1] // 3))
             else:
-                stride_pair = size_pair(stride, "stride")
-            if stride_pair[0] > crop_pair[0] or stride_pair[1] > crop_pair[1]:
+                stride = size_pair(self.stride, "stride")
+            if stride[0] > crop_size[0] or stride[1] > crop_size[1]:
                 raise ValueError(
-                    f"`stride` {stride_pair} must not exceed `crop_size` {crop_pair}: the windows would leave gaps."
+                    f"`stride` {stride} must not exceed `crop_size` {crop_size}: the windows would leave gaps."
                 )
-        scales = tuple(float(scale) for scale in scales)
+            # Frozen: the resolved values are set once, here.
+            object.__setattr__(self, "crop_size", crop_size)
+            object.__setattr__(self, "stride", stride)
+        scales = tuple(float(scale) for scale in self.scales)
         if not scales or min(scales) <= 0:
             raise ValueError(f"`scales` must be a non-empty list of positive factors, got {list(scales)}.")
-        if window_batch_size < 1:
-            raise ValueError(f"`window_batch_size` must be >= 1, got {window_batch_size}.")
-        if autocast_dtype is not None and not (
-            isinstance(autocast_dtype, torch.dtype) and autocast_dtype.is_floating_point
+        object.__setattr__(self, "scales", scales)
+        object.__setattr__(self, "flip", bool(self.flip))
+        if self.window_batch_size < 1:
+            raise ValueError(f"`window_batch_size` must be >= 1, got {self.window_batch_size}.")
+        if self.autocast_dtype is not None and not (
+            isinstance(self.autocast_dtype, torch.dtype) and self.autocast_dtype.is_floating_point
         ):
             raise ValueError(
-                f"`autocast_dtype` must be a floating torch dtype or None, got {autocast_dtype!r}."
+                f"`autocast_dtype` must be a floating torch dtype or None, got {self.autocast_dtype!r}."
             )
-        return cls(mode, crop_pair, stride_pair, scales, bool(flip), int(window_batch_size), autocast_dtype)
 
-    def describe(self) -> dict[str, Any]:
-        """The protocol as JSON-ready values (for result files)."""
+    def to_json_dict(self) -> dict[str, Any]:
+        """What defines the measured numbers, as JSON-ready values (the `protocol` of evaluation reports):
+        `mode`, `crop_size` and `stride` (`[height, width]` or `None`), `scales`, `flip`.
+        `InferenceProtocol(**protocol.to_json_dict())` predicts the same (window batch size and autocast at their
+        defaults)."""
         return {
             "mode": self.mode,
             "crop_size": list(self.crop_size) if self.crop_size is not None else None,
@@ -130,54 +152,42 @@ class _Protocol:
         }
 
 
-def describe_protocol(
-    mode: InferenceMode = "whole",
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-) -> dict[str, Any]:
-    """Validates an inference protocol and returns it with its defaults resolved, as JSON-ready values.
-
-    Returns:
-        `dict[str, Any]`: `mode`, `crop_size` and `stride` (`[height, width]` or `None`), `scales`, `flip`.
-
-    Raises:
-        ValueError: as [`predict_probabilities`] for an invalid protocol.
-    """
-    return _Protocol.create(mode, crop_size, stride, scales, flip).describe()
-
-
 @dataclass
 class InferenceProtocolArguments:
-    """The inference-protocol flags shared by `scripts/evaluate_cps.py`, `scripts/predict.py` and
-    `scripts/visualize.py` (parse them with `HfArgumentParser` next to the script's own arguments)."""
+    """The inference-protocol flags of `scripts/evaluate_cps.py`, `scripts/predict.py` and `scripts/visualize.py`
+    (parse them with `HfArgumentParser` next to the script's own arguments); see [`InferenceProtocol`]."""
 
-    mode: str = field(default="whole", metadata={"help": "'whole' image or 'slide' (sliding window)."})
+    mode: str = field(
+        default=InferenceProtocol.mode, metadata={"help": "'whole' image or 'slide' (sliding window)."}
+    )
     crop_size: list[int] | None = field(
         default=None, metadata={"help": "Sliding-window size: one value or height width."}
     )
     stride: list[int] | None = field(
         default=None, metadata={"help": "Sliding-window step (default: ceil(2/3 crop_size))."}
     )
-    scales: list[float] = field(default_factory=lambda: [1.0], metadata={"help": "Test-time scales."})
-    flip: bool = field(default=False, metadata={"help": "Average with the horizontally flipped image."})
+    scales: list[float] = field(
+        default_factory=lambda: list(InferenceProtocol.scales), metadata={"help": "Test-time scales."}
+    )
+    flip: bool = field(
+        default=InferenceProtocol.flip, metadata={"help": "Average with the horizontally flipped image."}
+    )
+    window_batch_size: int = field(
+        default=InferenceProtocol.window_batch_size, metadata={"help": "Sliding windows per forward pass."}
+    )
+    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CUDA)."})
 
-    def protocol(self) -> dict[str, Any]:
-        """Keyword arguments for [`predict_probabilities`] and friends, validated (raises `ValueError`)."""
-        protocol = dict(
+    def to_protocol(self) -> InferenceProtocol:
+        """The validated protocol (raises `ValueError`)."""
+        return InferenceProtocol(
             mode=self.mode,
-            crop_size=_single_or_pair(self.crop_size),
-            stride=_single_or_pair(self.stride),
+            crop_size=self.crop_size,
+            stride=self.stride,
             scales=self.scales,
             flip=self.flip,
+            window_batch_size=self.window_batch_size,
+            autocast_dtype=torch.bfloat16 if self.bf16 else None,
         )
-        describe_protocol(**protocol)
-        return protocol
-
-
-def _single_or_pair(values: list[int] | None) -> int | list[int] | None:
-    return values[0] if values and len(values) == 1 else values
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -211,6 +221,20 @@ def _check_branch(model: nn.Module, branch: Any) -> BranchSelection | None:
             f"`branch` must be a branch index in [0, {num_branches}) or 'ensemble', got {branch!r}."
         )
     return branch
+
+
+def _requested_branches(
+    model: nn.Module, branches: Sequence[BranchSelection] | None
+) -> list[BranchSelection | None]:
+    """The validated, distinct `branches` to predict; by default every branch and the ensemble (`[None]` for a plain
+    model)."""
+    if branches is None:
+        num_branches = _num_branches(model)
+        return [None] if num_branches is None else [*range(num_branches), ENSEMBLE]
+    requested = list(dict.fromkeys(_check_branch(model, branch) for branch in branches))
+    if not requested:
+        raise ValueError("`branches` must name at least one branch or 'ensemble'.")
+    return requested
 
 
 def branch_result_name(branch: BranchSelection | None) -> str:
@@ -255,7 +279,7 @@ def _evaluation_mode(model: nn.Module) -> Iterator[None]:
 
 
 def _forward_branches(
-    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: _Protocol
+    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: InferenceProtocol
 ) -> list[Tensor]:
     """Softmax probabilities `(batch, num_labels, h, w)` of each requested branch (`None`: the plain model)."""
     if protocol.autocast_dtype is not None:
@@ -288,7 +312,7 @@ def _window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 
 def _slide(
-    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: _Protocol
+    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: InferenceProtocol
 ) -> list[Tensor]:
     """Sliding-window probabilities of each branch, averaged over the windows covering each pixel."""
     batch_size, _, height, width = pixel_values.shape
@@ -333,7 +357,7 @@ def _slide(
 
 
 def _predict_view(
-    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: _Protocol
+    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: InferenceProtocol
 ) -> list[Tensor]:
     if protocol.mode == "slide":
         return _slide(model, pixel_values, branch_indices, protocol)
@@ -341,7 +365,7 @@ def _predict_view(
 
 
 def _predict_branches(
-    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: _Protocol
+    model: nn.Module, pixel_values: Tensor, branch_indices: Sequence[int | None], protocol: InferenceProtocol
 ) -> list[Tensor]:
     """Probabilities of each branch at the input size, averaged over scales and flips."""
     height, width = pixel_values.shape[-2:]
@@ -383,18 +407,12 @@ def predict_branch_probabilities(
     pixel_values: Tensor,
     branches: Sequence[BranchSelection] | None = None,
     *,
-    mode: InferenceMode = "whole",
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window_batch_size: int = 8,
-    autocast_dtype: torch.dtype | None = None,
+    protocol: InferenceProtocol | None = None,
 ) -> dict[BranchSelection | None, Tensor]:
     """Class probabilities of several branches (and the ensemble) from one run of each branch.
 
     Each branch runs once per view (scale, flip) and window; the ensemble is the mean of all branches'
-    probabilities, derived from them at no extra cost. See [`predict_probabilities`] for the protocol arguments.
+    probabilities, derived from them at no extra cost. See [`predict_probabilities`] for the protocol.
 
     Args:
         model (`nn.Module`):
@@ -405,19 +423,16 @@ def predict_branch_probabilities(
             Normalised images.
         branches (`Sequence[int | "ensemble"]`, *optional*):
             What to predict. Defaults to every branch and the ensemble (`[None]` for a plain model).
+        protocol ([`InferenceProtocol`], *optional*):
+            How to predict; defaults to `InferenceProtocol()` (whole image, single scale, no flip).
 
     Returns:
         `dict`: for each requested branch (key: its index, `"ensemble"`, or `None` for a plain model) a float32
         `(batch, num_labels, height, width)` tensor of probabilities on the model's device.
     """
-    protocol = _Protocol.create(mode, crop_size, stride, scales, flip, window_batch_size, autocast_dtype)
+    protocol = protocol if protocol is not None else InferenceProtocol()
     num_branches = _num_branches(model)
-    if branches is None:
-        branches = [None] if num_branches is None else [*range(num_branches), ENSEMBLE]
-    else:
-        branches = [_check_branch(model, branch) for branch in branches]
-        if not branches:
-            raise ValueError("`branches` must name at least one branch or 'ensemble'.")
+    branches = _requested_branches(model, branches)
     if ENSEMBLE in branches:
         branch_indices = list(range(num_branches))
     else:
@@ -446,14 +461,8 @@ def predict_probabilities(
     model: nn.Module,
     pixel_values: Tensor,
     *,
-    mode: InferenceMode = "whole",
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
+    protocol: InferenceProtocol | None = None,
     branch: BranchSelection | None = None,
-    window_batch_size: int = 8,
-    autocast_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """Class probabilities of a model under an inference protocol, at the input resolution.
 
@@ -476,66 +485,49 @@ def predict_probabilities(
             resolution logits are upsampled bilinearly).
         pixel_values (`torch.Tensor` of shape `(batch, 3, height, width)`):
             Normalised images; moved to the model's device.
-        mode (`str`, *optional*, defaults to `"whole"`):
-            `"whole"` or `"slide"`.
-        crop_size (`int` or `tuple[int, int]`, *optional*):
-            Window `(height, width)`; required for `mode="slide"`.
-        stride (`int` or `tuple[int, int]`, *optional*):
-            Window step; defaults to `ceil(2/3 * crop_size)`, the paper's.
-        scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`):
-            Test-time scale factors.
-        flip (`bool`, *optional*, defaults to `False`):
-            Also average the prediction of the horizontally flipped image.
+        protocol ([`InferenceProtocol`], *optional*):
+            How to predict; defaults to `InferenceProtocol()` (whole image, single scale, no flip).
         branch (`int` or `"ensemble"`, *optional*):
             Which branch of a CPS model predicts; defaults to `model.config.inference_branch`. Must be `None` for a
             plain model.
-        window_batch_size (`int`, *optional*, defaults to 8):
-            Number of windows (over the whole batch) per forward pass in `"slide"` mode.
-        autocast_dtype (`torch.dtype`, *optional*):
-            Run the model under `torch.autocast` with this dtype (e.g. `torch.bfloat16` on CUDA); off by default.
-            Probabilities are always computed and averaged in float32.
 
     Returns:
         `torch.Tensor`: float32 `(batch, num_labels, height, width)` probabilities (summing to 1 over classes) on
         the model's device.
 
     Raises:
-        ValueError: for an invalid protocol (unknown mode, missing crop size, stride larger than the crop,
-            non-positive scales) or branch.
+        ValueError: for an invalid branch.
 
     Example:
 
     ```python
-    >>> probabilities = predict_probabilities(model, pixel_values, mode="slide", crop_size=512)  # doctest: +SKIP
+    >>> protocol = InferenceProtocol(mode="slide", crop_size=512)
+    >>> probabilities = predict_probabilities(model, pixel_values, protocol=protocol)  # doctest: +SKIP
     >>> predictions = probabilities.argmax(dim=1)  # doctest: +SKIP
     ```
     """
     branch = _check_branch(model, branch)
     return predict_branch_probabilities(
-        model,
-        pixel_values,
-        None if branch is None else [branch],
-        mode=mode,
-        crop_size=crop_size,
-        stride=stride,
-        scales=scales,
-        flip=flip,
-        window_batch_size=window_batch_size,
-        autocast_dtype=autocast_dtype,
+        model, pixel_values, None if branch is None else [branch], protocol=protocol
     )[branch]
 
 
-def predict_logits(model: nn.Module, pixel_values: Tensor, **protocol: Any) -> Tensor:
+def predict_logits(
+    model: nn.Module,
+    pixel_values: Tensor,
+    *,
+    protocol: InferenceProtocol | None = None,
+    branch: BranchSelection | None = None,
+) -> Tensor:
     """Log-probabilities under an inference protocol: `log(predict_probabilities(model, pixel_values, ...))`.
 
     They are logits in the sense of the model's own `"ensemble"` output: `softmax` of them gives the averaged
-    probabilities back, and their argmax is the prediction. Takes the keyword arguments of
-    [`predict_probabilities`].
+    probabilities back, and their argmax is the prediction. Takes the arguments of [`predict_probabilities`].
 
     Returns:
         `torch.Tensor`: float32 `(batch, num_labels, height, width)`.
     """
-    probabilities = predict_probabilities(model, pixel_values, **protocol)
+    probabilities = predict_probabilities(model, pixel_values, protocol=protocol, branch=branch)
     return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
 
 
@@ -545,7 +537,8 @@ def predict_segmentation(
     *,
     image_mean: Sequence[float],
     image_std: Sequence[float],
-    **protocol: Any,
+    protocol: InferenceProtocol | None = None,
+    branch: BranchSelection | None = None,
 ) -> Tensor:
     """Label map of one image of any size.
 
@@ -558,8 +551,10 @@ def predict_segmentation(
             Normalisation mean for images in `[0, 1]` (see [`load_image_normalization`]).
         image_std (`Sequence[float]`):
             Normalisation standard deviation for images in `[0, 1]`.
-        protocol:
-            Keyword arguments of [`predict_probabilities`].
+        protocol ([`InferenceProtocol`], *optional*):
+            How to predict; defaults to `InferenceProtocol()`.
+        branch (`int` or `"ensemble"`, *optional*):
+            Which branch predicts; defaults to `model.config.inference_branch`.
 
     Returns:
         `torch.LongTensor`: `(height, width)` class ids, on the CPU.
@@ -567,8 +562,15 @@ def predict_segmentation(
     pixels = decode_image(image)
     mean = torch.tensor(list(image_mean), dtype=torch.float32).view(3, 1, 1)
     std = torch.tensor(list(image_std), dtype=torch.float32).view(3, 1, 1)
-    probabilities = predict_probabilities(model, ((pixels - mean) / std).unsqueeze(0), **protocol)
+    probabilities = predict_probabilities(
+        model, ((pixels - mean) / std).unsqueeze(0), protocol=protocol, branch=branch
+    )
     return probabilities[0].argmax(dim=0).cpu()
+
+
+def is_local_path(name: str) -> bool:
+    """Whether a model or dataset name is a local path rather than a Hub id (which has at most one `/`)."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
 
 
 def load_model(model_name_or_path: str) -> CPSForSemanticSegmentation:
@@ -646,219 +648,3 @@ def load_image_normalization(
     else:
         mean, std = [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
     return tuple(float(value) / unit for value in mean), tuple(float(value) / unit for value in std)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Evaluation
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _evaluation_loader(
-    data: Dataset | DataLoader,
-    batch_size: int,
-    num_workers: int,
-    accelerator: Accelerator | None,
-    pin_memory: bool,
-) -> DataLoader:
-    if type(data).__module__.startswith("datasets."):
-        raise TypeError(
-            f"`data` must yield normalised `pixel_values` and `labels`; got a raw {type(data).__name__}. Wrap the "
-            "split in `cps_hf.data.SupervisedSegmentationDataset`."
-        )
-    num_processes = accelerator.num_processes if accelerator is not None else 1
-    if isinstance(data, DataLoader):
-        if num_processes == 1:
-            return data
-        # Rebuilt on this process's shard of the dataset (same batching and collation).
-        dataset, batch_size = data.dataset, data.batch_size or 1
-        collate_fn, num_workers = data.collate_fn, data.num_workers
-    else:
-        dataset, collate_fn = data, collate_semi_supervised
-    if num_processes > 1:
-        # Every sample on exactly one process (no padding duplicates), so the summed confusion matrices are exact.
-        dataset = Subset(dataset, range(accelerator.process_index, len(dataset), num_processes))
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=collate_fn,
-        num_workers=num_workers,
-        pin_memory=pin_memory,
-    )
-
-
-def evaluate_model(
-    model: nn.Module,
-    data: Dataset | DataLoader,
-    *,
-    num_labels: int | None = None,
-    ignore_index: int | None = None,
-    id2label: Mapping[int, str] | None = None,
-    branches: Sequence[BranchSelection] | None = None,
-    mode: InferenceMode = "whole",
-    crop_size: int | Sequence[int] | None = None,
-    stride: int | Sequence[int] | None = None,
-    scales: Sequence[float] = (1.0,),
-    flip: bool = False,
-    window_batch_size: int = 8,
-    autocast_dtype: torch.dtype | None = None,
-    batch_size: int = 1,
-    num_workers: int = 0,
-    accelerator: Accelerator | None = None,
-    progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Evaluates every requested branch and the ensemble in one pass over the data.
-
-    For each batch, each branch's probabilities are computed once (under the protocol of
-    [`predict_probabilities`]), the ensemble is derived from them, and one confusion matrix per entry is updated.
-    Labels may be smaller or larger than the images: probabilities are then resized bilinearly to the labels.
-
-    Distributed: with an `accelerate.Accelerator` running several processes, each process evaluates a disjoint
-    shard of the dataset (no sample is duplicated), and the confusion matrices of all entries are summed across
-    processes in a single all-reduce at the end; every process returns the same metrics. The model must already be
-    on `accelerator.device` (it is not wrapped in DDP: evaluation needs no gradient synchronisation).
-
-    Args:
-        model (`nn.Module`):
-            A [`~cps_hf.CPSForSemanticSegmentation`] (or a plain segmentation model, evaluated as `"model"`).
-        data (`torch.utils.data.Dataset` or `torch.utils.data.DataLoader`):
-            Yields `{"pixel_values": (3, H, W), "labels": (H, W)}` items (e.g.
-            [`~cps_hf.data.SupervisedSegmentationDataset`]) or batches of them.
-        num_labels (`int`, *optional*):
-            Number of classes; defaults to `model.config.num_labels`.
-        ignore_index (`int`, *optional*):
-            Label of pixels that are not evaluated; defaults to `model.config.semantic_loss_ignore_index` (255).
-            Labels outside `[0, num_labels)` are not evaluated either.
-        id2label (`Mapping[int, str]`, *optional*):
-            Class names for the per-class keys; defaults to `model.config.id2label`.
-        branches (`Sequence[int | "ensemble"]`, *optional*):
-            What to evaluate; defaults to every branch and the ensemble.
-        mode, crop_size, stride, scales, flip, window_batch_size, autocast_dtype:
-            The inference protocol, see [`predict_probabilities`].
-        batch_size (`int`, *optional*, defaults to 1):
-            Images per batch when `data` is a dataset. Images of different sizes need 1, or a dataset resizing to
-            a fixed `eval_size`.
-        num_workers (`int`, *optional*, defaults to 0):
-            Data-loading worker processes when `data` is a dataset.
-        accelerator (`accelerate.Accelerator`, *optional*):
-            Shards the data and reduces the metrics across its processes.
-        progress (`bool`, *optional*, defaults to `True`):
-            Show a tqdm progress bar (on the local main process).
-
-    Returns:
-        `dict[str, dict[str, float]]`: for each entry (`"branch_0"`, `"branch_1"`, ..., `"ensemble"`) the metrics
-        of [`~cps_hf.metrics.metrics_from_confusion_matrix`]: `mean_iou`, `overall_accuracy`, `mean_accuracy` and
-        `iou_<class name>`, plus the `predicted_share_<class name>` and `label_share_<class name>` of
-        [`~cps_hf.metrics.class_pixel_shares`].
-    """
-    config = getattr(model, "config", None)
-    num_labels = num_labels if num_labels is not None else getattr(config, "num_labels", None)
-    if num_labels is None:
-        raise ValueError("`num_labels` is required for a model without `config.num_labels`.")
-    if ignore_index is None:
-        ignore_index = getattr(config, "semantic_loss_ignore_index", 255)
-    if id2label is None:
-        id2label = getattr(config, "id2label", None)
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}.")
-    protocol_kwargs = dict(
-        mode=mode,
-        crop_size=crop_size,
-        stride=stride,
-        scales=scales,
-        flip=flip,
-        window_batch_size=window_batch_size,
-        autocast_dtype=autocast_dtype,
-    )
-    _Protocol.create(**protocol_kwargs)  # fail before loading any data
-    num_branches = _num_branches(model)
-    if branches is None:
-        entries = [None] if num_branches is None else [*range(num_branches), ENSEMBLE]
-    else:
-        entries = list(dict.fromkeys(_check_branch(model, branch) for branch in branches))
-        if not entries:
-            raise ValueError("`branches` must name at least one branch or 'ensemble'.")
-
-    device = _model_device(model)
-    loader = _evaluation_loader(data, batch_size, num_workers, accelerator, pin_memory=device.type == "cuda")
-    metrics = {
-        entry: StreamingSegmentationMetric(num_labels, ignore_index=ignore_index, device=device)
-        for entry in entries
-    }
-    is_main = accelerator is None or accelerator.is_local_main_process
-    start = time.perf_counter()
-    num_images = 0
-    for batch in tqdm(loader, desc="Evaluating", unit="batch", disable=not (progress and is_main)):
-        if not isinstance(batch, Mapping) or "pixel_values" not in batch or "labels" not in batch:
-            found = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"Evaluation batches must hold `pixel_values` and `labels`, got {found}.")
-        pixel_values = batch["pixel_values"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
-        probabilities = predict_branch_probabilities(model, pixel_values, entries, **protocol_kwargs)
-        for entry, metric in metrics.items():
-            metric.update(probabilities[entry], labels)
-        num_images += pixel_values.shape[0]
-    elapsed = time.perf_counter() - start
-    logger.info(
-        f"Evaluated {num_images} images in {elapsed:.1f}s ({num_images / max(elapsed, 1e-9):.2f} images/s)."
-    )
-
-    matrices = torch.stack(
-        [
-            metric.matrix
-            if metric.matrix is not None
-            else torch.zeros(num_labels, num_labels, dtype=torch.long, device=device)
-            for metric in metrics.values()
-        ]
-    )  # (num_entries, num_labels, num_labels)
-    if accelerator is not None and accelerator.num_processes > 1:
-        matrices = accelerator.reduce(matrices, reduction="sum")
-    return {
-        branch_result_name(entry): {
-            **metrics_from_confusion_matrix(matrix, id2label),
-            **class_pixel_shares(matrix, id2label),
-        }
-        for entry, matrix in zip(entries, matrices)
-    }
-
-
-def format_results_table(
-    results: Mapping[str, Mapping[str, float]], id2label: Mapping[int, str] | None = None
-) -> str:
-    """A text table of [`evaluate_model`] results in percent: one row per class IoU, then mIoU, pixel accuracy and
-    mean class accuracy; one column per branch / the ensemble. NaN (a class absent from predictions and labels)
-    shows as `-`.
-
-    Args:
-        results (`Mapping[str, Mapping[str, float]]`):
-            As returned by [`evaluate_model`].
-        id2label (`Mapping[int, str]`, *optional*):
-            Class names in id order; by default the `iou_<name>` keys of the results, in their order.
-
-    Returns:
-        `str`: the table, without a trailing newline.
-    """
-    columns = list(results)
-    if not columns:
-        return ""
-    first = results[columns[0]]
-    if id2label:
-        class_names = [str(id2label[key]) for key in sorted(id2label, key=int)]
-    else:
-        class_names = [key.removeprefix("iou_") for key in first if key.startswith("iou_")]
-    rows = [(name, f"iou_{name}") for name in class_names]
-    rows += [("mIoU", "mean_iou"), ("pixel acc", "overall_accuracy"), ("mean acc", "mean_accuracy")]
-    corner = "IoU (%)"
-    label_width = max(len(corner), *(len(label) for label, _ in rows))
-    column_width = max(9, *(len(column) for column in columns))
-
-    def format_value(value: float | None) -> str:
-        return "-" if value is None or math.isnan(value) else f"{100 * value:.2f}"
-
-    lines = [f"{corner:<{label_width}}" + "".join(f"  {column:>{column_width}}" for column in columns)]
-    for position, (label, key) in enumerate(rows):
-        if position == len(class_names):
-            lines.append("-" * len(lines[0]))
-        values = "".join(f"  {format_value(results[column].get(key)):>{column_width}}" for column in columns)
-        lines.append(f"{label:<{label_width}}{values}")
-    return "\n".join(lines)

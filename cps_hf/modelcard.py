@@ -1,6 +1,7 @@
-"""Model cards for CPS checkpoints, rendered with `huggingface_hub.ModelCard.from_template` from the template
-`cps_hf/templates/model_card.md` and filled only from a run's own files: `config.json`, `cps_recipe.json`, the
-Trainer's `eval_results.json` and the reports of `scripts/evaluate_cps.py`."""
+"""Model cards for CPS checkpoints, rendered from the Jinja template `cps_hf/templates/model_card.md` and filled
+only from a run's own files: `config.json`, `cps_recipe.json`, the Trainer's `eval_results.json` and the reports of
+`scripts/evaluate_cps.py`. This module computes the values (metadata, tables, recipe fields); the wording is the
+template's."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import timm
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, constants
 from transformers.utils import logging
 
 from .configuration_cps import CPSConfig
+from .data import size_pair
 from .data.synthetic import SYNTHETIC_DATASET_NAME
+from .inference import InferenceProtocol, branch_result_name, is_local_path
 
 logger = logging.get_logger(__name__)
 
@@ -38,13 +42,7 @@ CARD_TAGS = (
 SUMMARY_METRICS = ("mean_iou", "overall_accuracy", "mean_accuracy")
 # Recipe keys holding one of these words (between underscores) identify the labelled split, e.g. `split_fingerprint`.
 SPLIT_IDENTITY_WORDS = {"sha256", "sha1", "md5", "hash", "digest", "fingerprint"}
-
-CPS_CITATION = """@inproceedings{chen2021semi,
-  title     = {Semi-Supervised Semantic Segmentation with Cross Pseudo Supervision},
-  author    = {Chen, Xiaokang and Yuan, Yuhui and Zeng, Gang and Wang, Jingdong},
-  booktitle = {IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
-  year      = {2021}
-}"""
+SYNTHETIC_DATASET_DISPLAY_NAME = "cps_hf synthetic shapes"
 
 
 @dataclass
@@ -57,8 +55,9 @@ class MeasuredEvaluation:
         dataset (`str`): the dataset as the run named it (`"synthetic"`, a local folder or a Hub id).
         split (`str`, *optional*): the evaluated split.
         branch (`str`): `"branch_<i>"` or `"ensemble"`.
-        protocol (`dict`): `mode`, `crop_size`, `stride`, `scales`, `flip`, and when known `eval_size` and
-            `max_samples`.
+        protocol ([`~cps_hf.inference.InferenceProtocol`]): how the model predicted.
+        eval_size (`tuple[int, int]`, *optional*): the `(height, width)` images and labels were resized to.
+        max_samples (`int`, *optional*): only the first `max_samples` images were scored.
         metrics (`dict`): `mean_iou`, `overall_accuracy`, `mean_accuracy` and `iou_<class name>`, as fractions
             (`None` for a class absent from predictions and labels).
         num_images (`int`, *optional*): how many images were scored, when the results file says.
@@ -68,7 +67,9 @@ class MeasuredEvaluation:
     dataset: str
     split: str | None
     branch: str
-    protocol: dict[str, Any]
+    protocol: InferenceProtocol
+    eval_size: tuple[int, int] | None
+    max_samples: int | None
     metrics: dict[str, float | None]
     num_images: int | None
     source: str
@@ -79,7 +80,9 @@ class MeasuredEvaluation:
             self.dataset,
             self.split,
             self.branch,
-            json.dumps(self.protocol, sort_keys=True),
+            self.protocol,
+            self.eval_size,
+            self.max_samples,
             self.metrics.get("mean_iou"),
         )
 
@@ -105,10 +108,6 @@ def is_evaluation_report(data: Any) -> bool:
         and isinstance(data.get("results"), dict)
         and isinstance(data.get("protocol"), dict)
     )
-
-
-def branch_name(inference_branch: int | str) -> str:
-    return "ensemble" if inference_branch == "ensemble" else f"branch_{int(inference_branch)}"
 
 
 def read_trainer_evaluation(
@@ -146,23 +145,30 @@ def read_trainer_evaluation(
         for key, value in results.items()
         if key.removeprefix("eval_") in SUMMARY_METRICS or key.startswith("eval_iou_")
     }
-    protocol = {
-        "mode": "whole",
-        "crop_size": None,
-        "stride": None,
-        "scales": [1.0],
-        "flip": False,
-        "eval_size": data.get("eval_size"),
-        "max_samples": data.get("max_eval_samples"),
-    }
+    eval_size = data.get("eval_size")
     return MeasuredEvaluation(
         dataset=str(data.get("dataset_name") or SYNTHETIC_DATASET_NAME),
         split=data.get("eval_split"),
-        branch=branch_name(config.inference_branch),
-        protocol=protocol,
+        branch=branch_result_name(config.inference_branch),
+        protocol=InferenceProtocol(),
+        eval_size=size_pair(eval_size, "eval_size") if eval_size else None,
+        max_samples=data.get("max_eval_samples"),
         metrics=metrics,
         num_images=None,
         source=path.name,
+    )
+
+
+def _recorded_protocol(recorded: Mapping[str, Any]) -> InferenceProtocol:
+    """The inference protocol a results file records (`InferenceProtocol.to_json_dict()`), read as the card describes
+    it: the window sizes count only in mode `"slide"`, missing scales mean a single scale."""
+    slide = recorded.get("mode") == "slide"
+    return InferenceProtocol(
+        mode="slide" if slide else "whole",
+        crop_size=recorded.get("crop_size") if slide else None,
+        stride=recorded.get("stride") if slide else None,
+        scales=recorded.get("scales") or (1.0,),
+        flip=bool(recorded.get("flip")),
     )
 
 
@@ -181,15 +187,16 @@ def read_evaluation_report(path: str | Path) -> list[MeasuredEvaluation]:
             f"{path} is not an evaluation report of scripts/evaluate_cps.py (expected 'results' and 'protocol' "
             f"keys, got {sorted(report) if isinstance(report, dict) else type(report).__name__})."
         )
-    protocol = dict(report["protocol"])
-    protocol.setdefault("eval_size", report.get("eval_size"))
-    protocol.setdefault("max_samples", report.get("max_samples"))
+    protocol = _recorded_protocol(report["protocol"])
+    eval_size = report.get("eval_size")
     return [
         MeasuredEvaluation(
             dataset=str(report.get("dataset")),
             split=report.get("split"),
             branch=branch,
             protocol=protocol,
+            eval_size=size_pair(eval_size, "eval_size") if eval_size else None,
+            max_samples=report.get("max_samples"),
             metrics=dict(metrics),
             num_images=report.get("num_images"),
             source=path.name,
@@ -257,11 +264,6 @@ def collect_evaluations(
     return list(unique.values())
 
 
-def is_local_path(name: str) -> bool:
-    """Whether a dataset or model name is a local path rather than a Hub id (which has at most one `/`)."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).expanduser().exists()
-
-
 def dataset_hub_id(dataset_name: str, dataset_ids: Mapping[str, str]) -> str | None:
     """The Hub id of a dataset, or `None` for the synthetic data and local folders not mapped to one."""
     if dataset_name in dataset_ids:
@@ -281,7 +283,7 @@ def dataset_short_name(dataset_name: str, dataset_ids: Mapping[str, str]) -> str
 
 def dataset_display_name(dataset_name: str, dataset_ids: Mapping[str, str]) -> str:
     if dataset_name == SYNTHETIC_DATASET_NAME and dataset_name not in dataset_ids:
-        return "cps_hf synthetic shapes"
+        return SYNTHETIC_DATASET_DISPLAY_NAME
     return dataset_short_name(dataset_name, dataset_ids)
 
 
@@ -289,72 +291,6 @@ def percent(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{100 * value:.2f}"
-
-
-def _size_text(size: Any) -> str:
-    height, width = (size, size) if isinstance(size, int) else size
-    return f"{height}×{width}"
-
-
-def describe_evaluation(evaluation: MeasuredEvaluation, num_branches: int) -> tuple[str, str]:
-    """A short column label (`"branch 0"`, `"ensemble, slide 512×512, flip"`) and a full description of the
-    inference protocol."""
-    protocol = evaluation.protocol
-    scales = list(protocol.get("scales") or [1.0])
-    if evaluation.branch == "ensemble":
-        label, description = "ensemble", [f"ensemble (mean softmax of the {num_branches} branches)"]
-    else:
-        label = evaluation.branch.replace("_", " ")
-        description = [label]
-    short = []
-    if protocol.get("mode") == "slide":
-        short.append(f"slide {_size_text(protocol['crop_size'])}")
-        description.append(
-            f"sliding window {_size_text(protocol['crop_size'])}, stride {_size_text(protocol['stride'])}"
-        )
-    else:
-        description.append("whole image")
-    if scales == [1.0]:
-        description.append("single scale")
-    else:
-        short.append("multi-scale")
-        description.append("scales " + ", ".join(f"{scale:g}" for scale in scales))
-    if protocol.get("flip"):
-        short.append("flip")
-        description.append("horizontal flip")
-    else:
-        description.append("no flip")
-    if protocol.get("eval_size"):
-        short.append(f"resized {_size_text(protocol['eval_size'])}")
-        description.append(f"images resized to {_size_text(protocol['eval_size'])}")
-    if protocol.get("max_samples"):
-        description.append(f"first {protocol['max_samples']} images")
-    return ", ".join([label, *short]), ", ".join(description)
-
-
-def eval_results_for_card(
-    evaluations: Sequence[MeasuredEvaluation], num_branches: int, dataset_ids: Mapping[str, str]
-) -> list[EvalResult]:
-    """The `model-index` entries: one mIoU (%) per measured evaluation, with its protocol."""
-    results = []
-    for evaluation in evaluations:
-        if evaluation.metrics.get("mean_iou") is None:
-            continue
-        _, protocol_text = describe_evaluation(evaluation, num_branches)
-        results.append(
-            EvalResult(
-                task_type=TASK_TYPE,
-                task_name=TASK_NAME,
-                dataset_type=dataset_short_name(evaluation.dataset, dataset_ids),
-                dataset_name=dataset_display_name(evaluation.dataset, dataset_ids),
-                dataset_split=evaluation.split,
-                metric_type="mean_iou",
-                metric_name=f"mIoU (%), {protocol_text}",
-                metric_value=round(100 * evaluation.metrics["mean_iou"], 2),
-                metric_config=protocol_text,
-            )
-        )
-    return results
 
 
 def base_model_id(recipe: Mapping[str, Any] | None, backbone: str) -> str | None:
@@ -374,24 +310,6 @@ def base_model_id(recipe: Mapping[str, Any] | None, backbone: str) -> str | None
         return None
 
 
-def backbone_initialization_text(recipe: Mapping[str, Any], config: CPSConfig) -> str:
-    """How the branches' backbones started: the same weights in each (shared) or one random draw per branch."""
-    model_recipe = recipe.get("model", {})
-    if model_recipe.get("pretrained_backbone") or model_recipe.get("pretrained_backbone_file"):
-        return "the same ImageNet weights in every branch"
-    if config.share_backbone_initialization:
-        return "one random draw, copied into every branch (`share_backbone_initialization`)"
-    return "an independent random draw per branch"
-
-
-def variant_name(recipe: Mapping[str, Any] | None, num_branches: int) -> str:
-    training = (recipe or {}).get("training", {})
-    if training.get("supervised_only"):
-        return "supervised-only baseline"
-    name = "CPS" if num_branches == 2 else f"n-CPS ({num_branches} branches)"
-    return f"{name} + CutMix" if training.get("cutmix") else name
-
-
 def _split_fields(recipe: Mapping[str, Any]) -> list[tuple[str, Any]]:
     """Every recorded field that identifies the labelled split (hashes and fingerprints, wherever they are)."""
     sections = [recipe, recipe.get("data", {}), recipe.get("split", {})]
@@ -405,183 +323,6 @@ def _split_fields(recipe: Mapping[str, Any]) -> list[tuple[str, Any]]:
     return [(key, value) for value, key in fields.items()]
 
 
-def recipe_rows(
-    recipe: Mapping[str, Any], config: CPSConfig, dataset_ids: Mapping[str, str]
-) -> list[tuple[str, str]]:
-    """The recipe table: what the run recorded, row by row; rows whose values were not recorded are left out."""
-    model_recipe, data, training = recipe.get("model", {}), recipe.get("data", {}), recipe.get("training", {})
-    supervised_only = bool(training.get("supervised_only"))
-    rows: list[tuple[str, str]] = [("variant", variant_name(recipe, config.num_branches))]
-
-    if model_recipe.get("model_name_or_path"):
-        rows.append(("initialised from", f"`{model_recipe['model_name_or_path']}`"))
-    elif model_recipe.get("pretrained_backbone_file"):
-        rows.append(
-            (
-                "backbone weights",
-                f"ImageNet, local file `{Path(model_recipe['pretrained_backbone_file']).name}`",
-            )
-        )
-    elif model_recipe.get("pretrained_backbone"):
-        rows.append(("backbone weights", f"ImageNet (`{base_model_id(recipe, config.backbone)}`)"))
-    else:
-        rows.append(("backbone weights", "none: trained from scratch"))
-    if not model_recipe.get("model_name_or_path") and config.share_backbone_initialization is not None:
-        rows.append(("backbone initialisation", backbone_initialization_text(recipe, config)))
-
-    dataset_name = str(data.get("dataset_name") or SYNTHETIC_DATASET_NAME)
-    dataset_text = f"{dataset_display_name(dataset_name, dataset_ids)}, split `{data.get('train_split')}`"
-    if dataset_name == SYNTHETIC_DATASET_NAME and "synthetic_image_size" in data:
-        size = data["synthetic_image_size"]
-        dataset_text += (
-            f" ({data.get('synthetic_num_train')} training and {data.get('synthetic_num_val')} validation images "
-            f"of {size}×{size})"
-        )
-    rows.append(("training data", dataset_text))
-    if data.get("unlabeled_dataset_name"):
-        rows.append(
-            (
-                "unlabelled data",
-                f"{dataset_display_name(data['unlabeled_dataset_name'], dataset_ids)}, "
-                f"split `{data.get('unlabeled_split')}`",
-            )
-        )
-    if "num_labeled" in recipe:
-        counts = f"{recipe['num_labeled']} labelled"
-        if not supervised_only:
-            counts += f" / {recipe.get('num_unlabeled')} unlabelled"
-        rows.append(("images", counts))
-    if data.get("labeled_ids_file"):
-        split_text = f"ids file `{Path(data['labeled_ids_file']).name}`"
-    elif data.get("labeled_fraction") is not None:
-        split_text = f"random fraction {data['labeled_fraction']} of the split, seed {data.get('split_seed')}"
-    elif data.get("labeled_count") is not None:
-        split_text = f"random {data['labeled_count']} rows of the split, seed {data.get('split_seed')}"
-    else:
-        split_text = "not recorded"
-    rows.append(("labelled subset", split_text))
-    for key, value in _split_fields(recipe):
-        text = f"`{value}`"
-        if key == "split_fingerprint":
-            text += " (SHA-256 of the sorted labelled row indices, first 16 hex digits)"
-        rows.append((key.replace("_", " "), text))
-
-    if not supervised_only and "cps_weight" in training:
-        weight_text = f"{training['cps_weight']:g}"
-        if training.get("cps_weight_warmup_steps"):
-            weight_text += (
-                f" (ramped up linearly from 0 over the first {training['cps_weight_warmup_steps']} steps)"
-            )
-        rows.append(("CPS weight λ", weight_text))
-    if not supervised_only:
-        rows.append(("CutMix", "yes" if training.get("cutmix") else "no"))
-        if training.get("cutmix") and training.get("pseudo_label_mode"):
-            rows.append(("BatchNorm mode of the pseudo-label passes", training["pseudo_label_mode"]))
-    if training.get("supervised_loss"):
-        loss = training["supervised_loss"]
-        if loss == "ohem" and "ohem_threshold" in training:
-            loss += f" (threshold {training['ohem_threshold']}, at least {training.get('ohem_min_kept')} pixels kept)"
-        rows.append(("supervised loss", loss))
-
-    max_steps = training.get("max_steps")
-    if max_steps and max_steps > 0:
-        rows.append(("iterations", str(max_steps)))
-    elif "num_train_epochs" in training:
-        rows.append(("epochs", f"{training['num_train_epochs']:g}"))
-    if "per_device_train_batch_size" in training:
-        per_device = training["per_device_train_batch_size"]
-        world_size = recipe.get("world_size", 1)
-        accumulation = training.get("gradient_accumulation_steps", 1)
-        total = per_device * world_size * accumulation
-        batch = f"{per_device} labelled" + ("" if supervised_only else f" + {per_device} unlabelled")
-        total_text = f"{total} labelled" + ("" if supervised_only else f" + {total} unlabelled")
-        rows.append(
-            (
-                "batch",
-                f"{batch} per device × {world_size} process(es) × {accumulation} accumulation step(s) "
-                f"= {total_text} per iteration",
-            )
-        )
-    if "crop_size" in data:
-        scales = ", ".join(f"{scale:g}" for scale in data.get("scales", []))
-        rows.append(("crop", f"{_size_text(data['crop_size'])}, random scales {scales}, horizontal flip"))
-    if "learning_rate" in training:
-        schedule = training.get("lr_scheduler_type")
-        kwargs = training.get("lr_scheduler_kwargs")
-        text = f"{training['learning_rate']:g}"
-        if schedule:
-            text += f", schedule `{schedule}`" + (f" {json.dumps(kwargs)}" if kwargs else "")
-        rows.append(("learning rate", text))
-    if "optim" not in training:
-        rows.append(
-            ("optimiser, schedule, gradient clipping", f"not recorded in this run's {RECIPE_FILE_NAME}")
-        )
-    if training.get("optim"):
-        rows.append(
-            (
-                "optimiser",
-                f"`{training['optim']}`"
-                + (f" ({training['optim_args']})" if training.get("optim_args") else ""),
-            )
-        )
-    if "weight_decay" in training:
-        rows.append(("weight decay", f"{training['weight_decay']:g} (convolution and linear weights only)"))
-    if "max_grad_norm" in training:
-        norm = training["max_grad_norm"]
-        rows.append(("gradient clipping", f"norm {norm:g}" if norm else "none"))
-    if "seed" in training:
-        rows.append(("seed", str(training["seed"])))
-    return rows
-
-
-def summary_text(recipe: Mapping[str, Any] | None, config: CPSConfig, dataset_ids: Mapping[str, str]) -> str:
-    if recipe is None:
-        return "A DeepLabv3+ semantic segmentation model trained with `cps_hf`."
-    data = recipe.get("data", {})
-    dataset = dataset_display_name(str(data.get("dataset_name") or SYNTHETIC_DATASET_NAME), dataset_ids)
-    variant = variant_name(recipe, config.num_branches)
-    if variant == "supervised-only baseline":
-        return (
-            f"The supervised-only baseline of a Cross Pseudo Supervision experiment: DeepLabv3+ trained on the "
-            f"{recipe.get('num_labeled')} labelled images of {dataset} alone, through the same code path as CPS "
-            "with the CPS term switched off. Compare it with the CPS model trained on the same split."
-        )
-    return (
-        f"A DeepLabv3+ semantic segmentation model trained with Cross Pseudo Supervision ({variant}) on "
-        f"{recipe.get('num_labeled')} labelled and {recipe.get('num_unlabeled')} unlabelled images of {dataset}."
-    )
-
-
-def limitations(
-    recipe: Mapping[str, Any] | None, config: CPSConfig, dataset_ids: Mapping[str, str]
-) -> list[str]:
-    data = (recipe or {}).get("data", {})
-    dataset_name = str(data.get("dataset_name") or "")
-    lines = [
-        "Research on semi-supervised semantic segmentation. The numbers above hold for the recorded data, split and "
-        "inference protocol only; they were measured on the checkpoint in this repository.",
-        f"The model predicts exactly these {config.num_labels} classes: every pixel is assigned one of them, "
-        "there is no 'unknown' class.",
-    ]
-    if dataset_name == SYNTHETIC_DATASET_NAME:
-        lines.append(
-            "Trained on cps_hf's generated toy dataset (textured shapes on cluttered backgrounds) to demonstrate CPS "
-            "on a CPU: it is not meant for real photographs."
-        )
-    elif dataset_name:
-        lines.append(
-            f"Trained on {dataset_display_name(dataset_name, dataset_ids)}: expect lower accuracy on images from other "
-            "cameras, places or class definitions."
-        )
-    if recipe is not None and base_model_id(recipe, config.backbone) is None:
-        lines.append("The backbone was trained from scratch (no ImageNet weights), which limits accuracy.")
-    lines.append(
-        "Pseudo-labels come from the model's own predictions: where the initial supervised model is biased, CPS can "
-        "reinforce the bias (confirmation bias)."
-    )
-    return lines
-
-
 def widget_examples(repo_id: str | None, example_images: Sequence[str]) -> list[dict[str, str]]:
     """The card's `widget` entries: the URL of each example image in the model repository (the widget needs URLs)."""
     if example_images and repo_id is None:
@@ -593,6 +334,50 @@ def widget_examples(repo_id: str | None, example_images: Sequence[str]) -> list[
         }
         for name in example_images
     ]
+
+
+def _evaluation_values(evaluation: MeasuredEvaluation, dataset_ids: Mapping[str, str]) -> dict[str, Any]:
+    """What the template shows of one evaluation: its protocol, dataset, counts and metrics in percent."""
+    return {
+        "branch": evaluation.branch,
+        "protocol": evaluation.protocol,
+        "eval_size": evaluation.eval_size,
+        "max_samples": evaluation.max_samples,
+        "dataset": dataset_display_name(evaluation.dataset, dataset_ids),
+        "split": evaluation.split,
+        "num_images": evaluation.num_images,
+        "source": evaluation.source,
+        **{name: percent(evaluation.metrics.get(name)) for name in SUMMARY_METRICS},
+    }
+
+
+def _recipe_values(recipe: Mapping[str, Any] | None, dataset_ids: Mapping[str, str]) -> dict[str, Any]:
+    """The recipe's sections and what the template derives from them: dataset names, file names, batch sizes."""
+    if recipe is None:
+        return {"recipe": None, "model": {}, "data": {}, "training": {}}
+    model_recipe, data, training = recipe.get("model", {}), recipe.get("data", {}), recipe.get("training", {})
+    world_size = recipe.get("world_size", 1)
+    accumulation = training.get("gradient_accumulation_steps", 1)
+    backbone_file = model_recipe.get("pretrained_backbone_file")
+    labeled_ids_file = data.get("labeled_ids_file")
+    unlabeled_dataset = data.get("unlabeled_dataset_name")
+    if unlabeled_dataset:
+        unlabeled_dataset = dataset_display_name(unlabeled_dataset, dataset_ids)
+    return {
+        "recipe": recipe,
+        "model": model_recipe,
+        "data": data,
+        "training": training,
+        "backbone_weights_file": Path(backbone_file).name if backbone_file else None,
+        "labeled_ids_file": Path(labeled_ids_file).name if labeled_ids_file else None,
+        "unlabeled_dataset": unlabeled_dataset,
+        "split_fields": _split_fields(recipe),
+        "world_size": world_size,
+        "gradient_accumulation_steps": accumulation,
+        "total_batch_size": training.get("per_device_train_batch_size", 0) * world_size * accumulation,
+        "crop_size": size_pair(data["crop_size"], "crop_size") if "crop_size" in data else None,
+        "lr_scheduler_kwargs_json": json.dumps(training.get("lr_scheduler_kwargs")),
+    }
 
 
 def render_model_card(
@@ -621,7 +406,8 @@ def render_model_card(
         config (`CPSConfig`, *optional*):
             The model's configuration (default: read from `model_dir`).
         template_path (`str` or `Path`, *optional*):
-            A Jinja template (default: `cps_hf/templates/model_card.md`).
+            A Jinja template (default: `cps_hf/templates/model_card.md`); besides the card it defines the macro
+            `protocol_description(evaluation)` that names each evaluation in the metadata.
         example_images (`Sequence[str]`, *optional*):
             Names of example images uploaded with the model: the `widget` metadata shows them on the model page
             (needs `repo_id`).
@@ -636,15 +422,60 @@ def render_model_card(
     dataset_ids = {training_dataset: dataset_id} if dataset_id else {}
     evaluations = collect_evaluations(model_dir, config, recipe, results_files)
     model_name = repo_id.split("/")[-1] if repo_id else model_dir.resolve().name
-
     training = (recipe or {}).get("training", {})
     supervised_only = bool(training.get("supervised_only"))
+    base_model = base_model_id(recipe, config.backbone)
+    class_names = [str(config.id2label[index]) for index in sorted(config.id2label, key=int)]
+    evaluation_values = [_evaluation_values(evaluation, dataset_ids) for evaluation in evaluations]
+    values = {
+        **_recipe_values(recipe, dataset_ids),
+        "base_model": base_model,
+        "model_name": model_name,
+        "repo_id": repo_id or str(model_dir),
+        "dataset": dataset_display_name(training_dataset, dataset_ids),
+        "trained_on_synthetic": training_dataset == SYNTHETIC_DATASET_NAME,
+        "supervised_only": supervised_only,
+        "num_branches": config.num_branches,
+        "share_backbone_initialization": config.share_backbone_initialization,
+        "backbone": config.backbone,
+        "output_stride": config.output_stride,
+        "num_labels": config.num_labels,
+        "ignore_index": config.semantic_loss_ignore_index,
+        "class_names": class_names,
+        "inference_branch": config.inference_branch,
+        "recipe_file_name": RECIPE_FILE_NAME,
+        "evaluations": evaluation_values,
+        "per_class_rows": [
+            (name, [percent(evaluation.metrics.get(f"iou_{name}")) for evaluation in evaluations])
+            for name in class_names
+        ],
+    }
+    template = jinja2.Template(Path(template_path or MODEL_CARD_TEMPLATE).read_text(encoding="utf-8"))
+    template_macros = template.make_module(values)  # to name the evaluations in the metadata
+
     tags = [*CARD_TAGS, config.backbone]
     if supervised_only:
         tags[tags.index("cross-pseudo-supervision")] = "supervised-baseline"
     if training.get("cutmix"):
         tags.append("cutmix")
-    eval_results = eval_results_for_card(evaluations, config.num_branches, dataset_ids)
+    eval_results = []
+    for evaluation, shown in zip(evaluations, evaluation_values):
+        if evaluation.metrics.get("mean_iou") is None:
+            continue
+        protocol_text = str(template_macros.protocol_description(shown))
+        eval_results.append(
+            EvalResult(
+                task_type=TASK_TYPE,
+                task_name=TASK_NAME,
+                dataset_type=dataset_short_name(evaluation.dataset, dataset_ids),
+                dataset_name=dataset_display_name(evaluation.dataset, dataset_ids),
+                dataset_split=evaluation.split,
+                metric_type="mean_iou",
+                metric_name=f"mIoU (%), {protocol_text}",
+                metric_value=round(100 * evaluation.metrics["mean_iou"], 2),
+                metric_config=protocol_text,
+            )
+        )
     hub_datasets = sorted(
         {
             hub_id
@@ -659,55 +490,12 @@ def render_model_card(
         license="apache-2.0",
         tags=tags,
         datasets=hub_datasets or None,
-        base_model=base_model_id(recipe, config.backbone),
+        base_model=base_model,
         metrics=["mean_iou"],
         eval_results=eval_results or None,
         widget=widget_examples(repo_id, example_images) or None,
     )
-
-    class_names = [str(config.id2label[index]) for index in sorted(config.id2label, key=int)]
-    evaluation_rows = []
-    for evaluation in evaluations:
-        label, protocol_text = describe_evaluation(evaluation, config.num_branches)
-        evaluation_rows.append(
-            {
-                "label": label,
-                "dataset": dataset_display_name(evaluation.dataset, dataset_ids),
-                "split": evaluation.split,
-                "protocol": protocol_text,
-                "num_images": evaluation.num_images if evaluation.num_images is not None else "–",
-                "source": evaluation.source,
-                **{name: percent(evaluation.metrics.get(name)) for name in SUMMARY_METRICS},
-            }
-        )
-    per_class_rows = [
-        (name, [percent(evaluation.metrics.get(f"iou_{name}")) for evaluation in evaluations])
-        for name in class_names
-    ]
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template_path or MODEL_CARD_TEMPLATE),
-        model_name=model_name,
-        repo_id=repo_id or str(model_dir),
-        summary=summary_text(recipe, config, dataset_ids),
-        num_branches=config.num_branches,
-        supervised_only=supervised_only,
-        backbone=config.backbone,
-        output_stride=config.output_stride or "native",
-        num_labels=config.num_labels,
-        ignore_index=config.semantic_loss_ignore_index,
-        class_names=class_names,
-        inference_branch=(
-            "the ensemble of the branches"
-            if config.inference_branch == "ensemble"
-            else f"branch {config.inference_branch}"
-        ),
-        recipe_rows=recipe_rows(recipe, config, dataset_ids) if recipe is not None else [],
-        evaluations=evaluation_rows,
-        per_class_rows=per_class_rows,
-        limitations=limitations(recipe, config, dataset_ids),
-        citation=CPS_CITATION,
-    )
+    return ModelCard(template.render(card_data=card_data.to_yaml(), **values))
 
 
 def write_model_card(output_dir: str | Path, config: CPSConfig | None = None, **card_kwargs: Any) -> Path:
@@ -719,7 +507,6 @@ def write_model_card(output_dir: str | Path, config: CPSConfig | None = None, **
 
 
 __all__ = [
-    "CPS_CITATION",
     "MODEL_CARD_TEMPLATE",
     "MeasuredEvaluation",
     "collect_evaluations",

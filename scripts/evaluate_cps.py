@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from accelerate import Accelerator
 from transformers import HfArgumentParser
 
@@ -31,14 +30,8 @@ from cps_hf.data import (
     get_split,
     load_segmentation_dataset,
 )
-from cps_hf.inference import (
-    InferenceProtocolArguments,
-    describe_protocol,
-    evaluate_model,
-    format_results_table,
-    load_image_normalization,
-    parse_branch_selection,
-)
+from cps_hf.evaluation import evaluate_model, format_results_table
+from cps_hf.inference import InferenceProtocolArguments, load_image_normalization, parse_branch_selection
 from cps_hf.modelcard import weights_sha256
 
 
@@ -61,13 +54,11 @@ class EvaluationArguments:
     batch_size: int = field(
         default=1, metadata={"help": "Images per batch (>1 needs equal sizes or --eval_size)."}
     )
-    window_batch_size: int = field(default=8, metadata={"help": "Sliding windows per forward pass."})
     eval_size: int | None = field(
         default=None, metadata={"help": "Resize images and labels to this square size."}
     )
     max_samples: int | None = field(default=None, metadata={"help": "Evaluate the first N rows only."})
     num_workers: int = field(default=0, metadata={"help": "Data-loading worker processes."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CUDA)."})
     cpu: bool = field(default=False, metadata={"help": "Run on the CPU even if a GPU is available."})
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder for datasets."})
     output_json: str | None = field(default=None, metadata={"help": "Write the results to this JSON file."})
@@ -85,8 +76,7 @@ def main() -> None:
     args, protocol_args = HfArgumentParser(
         (EvaluationArguments, InferenceProtocolArguments)
     ).parse_args_into_dataclasses()
-    protocol = protocol_args.protocol()
-    protocol_description = describe_protocol(**protocol)
+    protocol = protocol_args.to_protocol()
     branches = parse_branch_selection(args.branches) if args.branches else None
     accelerator = Accelerator(cpu=args.cpu)
     model = CPSForSemanticSegmentation.from_pretrained(args.model).to(accelerator.device)
@@ -119,13 +109,11 @@ def main() -> None:
     results = evaluate_model(
         model,
         dataset,
+        protocol,
         branches=branches,
         batch_size=args.batch_size,
-        window_batch_size=args.window_batch_size,
         num_workers=args.num_workers,
-        autocast_dtype=torch.bfloat16 if args.bf16 else None,
         accelerator=accelerator,
-        **protocol,
     )
     images_per_second = len(dataset) / (time.perf_counter() - start)
 
@@ -140,11 +128,11 @@ def main() -> None:
                 "dataset": args.dataset_name,
                 "split": args.split,
                 "num_images": len(dataset),
-                "protocol": protocol_description,
+                "protocol": protocol.to_json_dict(),
                 "eval_size": args.eval_size,
                 "max_samples": args.max_samples,
                 "weights_sha256": weights_sha256(args.model),
-                "bf16": args.bf16,
+                "bf16": protocol_args.bf16,
                 "num_processes": accelerator.num_processes,
                 "images_per_second": images_per_second,
                 "results": results,

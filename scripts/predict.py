@@ -39,8 +39,6 @@ class PredictionArguments:
         default=None, metadata={"help": "Branch index or 'ensemble' (default: the model's inference_branch)."}
     )
     alpha: float = field(default=0.5, metadata={"help": "Opacity of the class colours in the overlay."})
-    window_batch_size: int = field(default=8, metadata={"help": "Sliding windows per forward pass."})
-    bf16: bool = field(default=False, metadata={"help": "bfloat16 autocast (CUDA)."})
     device: str | None = field(
         default=None, metadata={"help": "Device (default: cuda if available, else cpu)."}
     )
@@ -70,7 +68,7 @@ def main() -> None:
     parser = HfArgumentParser((PredictionArguments, InferenceProtocolArguments))
     parser.add_argument("inputs", nargs="+", help="Image files or folders of images.")
     args, protocol_args, extra = parser.parse_args_into_dataclasses()
-    protocol = protocol_args.protocol()
+    protocol = protocol_args.to_protocol()
     image_paths = list_images(extra.inputs)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -88,10 +86,8 @@ def main() -> None:
             image,
             image_mean=mean,
             image_std=std,
+            protocol=protocol,
             branch=branch,
-            window_batch_size=args.window_batch_size,
-            autocast_dtype=torch.bfloat16 if args.bf16 else None,
-            **protocol,
         )
         colorize_mask(mask, palette).save(output_dir / f"{image_path.stem}_mask.png")
         overlay(image, mask, palette, alpha=args.alpha).save(output_dir / f"{image_path.stem}_overlay.png")

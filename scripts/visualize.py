@@ -14,6 +14,7 @@ model's own saved image processor. `iou` reads the Trainer's `eval_results.json`
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,7 +25,10 @@ from transformers import AutoConfig, HfArgumentParser
 
 from cps_hf.data import check_columns, decode_mask, get_split, load_segmentation_dataset
 from cps_hf.inference import InferenceProtocolArguments, parse_branch_selection
-from cps_hf.visualization import (
+
+# The figure code lives in tools/ next to scripts/ (tooling, not part of the installed package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.figures import (  # noqa: E402
     GridLayout,
     load_iou_results,
     parse_named_paths,
@@ -116,9 +120,8 @@ def grid_figure(args: GridArguments, protocol_args: InferenceProtocolArguments) 
     if not args.models:
         raise ValueError("--figure grid needs --models NAME=MODEL_DIR ...")
     model_paths = parse_named_paths(args.models, "--models")
-    protocol = protocol_args.protocol()
-    if args.branch is not None:
-        protocol["branch"] = parse_branch_selection([args.branch])[0]
+    protocol = protocol_args.to_protocol()
+    branch = parse_branch_selection([args.branch])[0] if args.branch is not None else None
 
     dataset_dict = load_segmentation_dataset(args.dataset_name, cache_dir=args.cache_dir)
     split = get_split(dataset_dict, args.split, args.dataset_name)
@@ -134,7 +137,7 @@ def grid_figure(args: GridArguments, protocol_args: InferenceProtocolArguments) 
     print(f"Samples of {args.split!r}: {', '.join(row_titles)}")
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    predictions = predict_masks_by_model(model_paths, images, device=device, **protocol)
+    predictions = predict_masks_by_model(model_paths, images, protocol=protocol, branch=branch, device=device)
     id2label = AutoConfig.from_pretrained(next(iter(model_paths.values()))).id2label
     class_names = [str(id2label[key]) for key in sorted(id2label, key=int)]
     return qualitative_grid(

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import math
 from types import SimpleNamespace
@@ -11,19 +12,17 @@ from PIL import Image as PILImage
 from torch import nn
 
 from cps_hf import CPSForSemanticSegmentation
-from cps_hf.data.synthetic import SYNTHETIC_PALETTE
+from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_PALETTE
+from cps_hf.evaluation import evaluate_model, format_results_table
 from cps_hf.inference import (
+    InferenceProtocol,
     _window_starts,
-    describe_protocol,
-    evaluate_model,
-    format_results_table,
     parse_branch_selection,
     predict_branch_probabilities,
     predict_logits,
     predict_probabilities,
 )
 from cps_hf.metrics import confusion_matrix, metrics_from_confusion_matrix
-from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_PALETTE
 from cps_hf.visualization import IGNORE_COLOR, colorize_mask, overlay, segmentation_palette
 
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
@@ -78,13 +77,18 @@ def test_window_starts_follow_the_reference_grid():
     # ceil((37 - 16) / 11) + 1 = 3 windows, the last one moved back to end at the border.
     assert _window_starts(37, 16, 11) == [0, 11, 21]
     assert _window_starts(16, 16, 11) == [0]
-    assert describe_protocol(mode="slide", crop_size=512)["stride"] == [342, 342]  # ceil(2/3 * 512)
+    assert InferenceProtocol(mode="slide", crop_size=512).to_json_dict()["stride"] == [
+        342,
+        342,
+    ]  # ceil(2/3 * 512)
 
 
 def test_single_window_slide_equals_whole_image(tiny_model):
     pixel_values = random_images(height=40, width=52)
     whole = predict_probabilities(tiny_model, pixel_values)
-    slide = predict_probabilities(tiny_model, pixel_values, mode="slide", crop_size=(40, 52))
+    slide = predict_probabilities(
+        tiny_model, pixel_values, protocol=InferenceProtocol(mode="slide", crop_size=(40, 52))
+    )
     torch.testing.assert_close(slide, whole, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(whole, tiny_model(pixel_values).logits.softmax(dim=1))
@@ -100,19 +104,25 @@ def test_overlapping_windows_equal_whole_image_for_a_pointwise_model(crop_size, 
     model = pointwise_model()
     pixel_values = random_images()
     whole = predict_probabilities(model, pixel_values)
-    slide = predict_probabilities(model, pixel_values, mode="slide", crop_size=crop_size, stride=stride)
+    slide = predict_probabilities(
+        model, pixel_values, protocol=InferenceProtocol(mode="slide", crop_size=crop_size, stride=stride)
+    )
     assert slide.shape == whole.shape
     torch.testing.assert_close(slide, whole, rtol=0, atol=1e-6)
 
 
 def test_window_batching_and_image_batching_do_not_change_the_result(tiny_model):
     pixel_values = random_images(batch=2, height=30, width=41)
-    protocol = dict(mode="slide", crop_size=16, stride=9)
-    one_at_a_time = predict_probabilities(tiny_model, pixel_values, window_batch_size=1, **protocol)
-    all_at_once = predict_probabilities(tiny_model, pixel_values, window_batch_size=64, **protocol)
+    protocol = InferenceProtocol(mode="slide", crop_size=16, stride=9)
+    one_at_a_time = predict_probabilities(
+        tiny_model, pixel_values, protocol=dataclasses.replace(protocol, window_batch_size=1)
+    )
+    all_at_once = predict_probabilities(
+        tiny_model, pixel_values, protocol=dataclasses.replace(protocol, window_batch_size=64)
+    )
     torch.testing.assert_close(all_at_once, one_at_a_time, rtol=0, atol=1e-5)
     per_image = torch.cat(
-        [predict_probabilities(tiny_model, image[None], **protocol) for image in pixel_values]
+        [predict_probabilities(tiny_model, image[None], protocol=protocol) for image in pixel_values]
     )
     torch.testing.assert_close(per_image, one_at_a_time, rtol=0, atol=1e-5)
 
@@ -126,7 +136,8 @@ def test_flip_of_a_flip_equivariant_model_changes_nothing():
     model = pointwise_model()
     pixel_values = random_images()
     torch.testing.assert_close(
-        predict_probabilities(model, pixel_values, flip=True), predict_probabilities(model, pixel_values)
+        predict_probabilities(model, pixel_values, protocol=InferenceProtocol(flip=True)),
+        predict_probabilities(model, pixel_values),
     )
 
 
@@ -137,13 +148,16 @@ def test_flip_averages_with_the_flipped_prediction():
         plain = model(pixel_values, branch_index=0).logits.softmax(dim=1)
         flipped = model(pixel_values.flip(-1), branch_index=0).logits.softmax(dim=1).flip(-1)
     assert not torch.allclose(plain, flipped)
-    torch.testing.assert_close(predict_probabilities(model, pixel_values, flip=True), (plain + flipped) / 2)
+    torch.testing.assert_close(
+        predict_probabilities(model, pixel_values, protocol=InferenceProtocol(flip=True)),
+        (plain + flipped) / 2,
+    )
 
 
 def test_single_unit_scale_equals_whole_image(tiny_model):
     pixel_values = random_images()
     torch.testing.assert_close(
-        predict_probabilities(tiny_model, pixel_values, scales=(1.0,)),
+        predict_probabilities(tiny_model, pixel_values, protocol=InferenceProtocol(scales=(1.0,))),
         predict_probabilities(tiny_model, pixel_values),
         rtol=0,
         atol=0,
@@ -164,7 +178,7 @@ def test_multi_scale_averages_the_resized_predictions():
             )
             probabilities = model(scaled, branch_index=0).logits.softmax(dim=1)
             expected.append(F.interpolate(probabilities, size=(20, 30), mode="bilinear", align_corners=False))
-    result = predict_probabilities(model, pixel_values, scales=(0.5, 1.5))
+    result = predict_probabilities(model, pixel_values, protocol=InferenceProtocol(scales=(0.5, 1.5)))
     torch.testing.assert_close(result, (expected[0] + expected[1]) / 2)
 
 
@@ -184,7 +198,9 @@ def test_ensemble_is_the_mean_of_branch_probabilities(tiny_model):
     tiny_model.config.inference_branch = "ensemble"
     with torch.no_grad():
         torch.testing.assert_close(ensemble, tiny_model(pixel_values).logits.softmax(dim=1))
-    all_branches = predict_branch_probabilities(tiny_model, pixel_values, mode="slide", crop_size=24)
+    all_branches = predict_branch_probabilities(
+        tiny_model, pixel_values, protocol=InferenceProtocol(mode="slide", crop_size=24)
+    )
     assert list(all_branches) == [0, 1, "ensemble"]
     torch.testing.assert_close(all_branches["ensemble"], (all_branches[0] + all_branches[1]) / 2)
 
@@ -200,9 +216,11 @@ def test_default_branch_is_the_configured_inference_branch(tiny_model):
 
 def test_logits_are_log_probabilities(tiny_model):
     pixel_values = random_images()
-    logits = predict_logits(tiny_model, pixel_values, branch="ensemble", flip=True)
+    flip = InferenceProtocol(flip=True)
+    logits = predict_logits(tiny_model, pixel_values, protocol=flip, branch="ensemble")
     torch.testing.assert_close(
-        logits.softmax(dim=1), predict_probabilities(tiny_model, pixel_values, branch="ensemble", flip=True)
+        logits.softmax(dim=1),
+        predict_probabilities(tiny_model, pixel_values, protocol=flip, branch="ensemble"),
     )
 
 
@@ -222,13 +240,17 @@ def test_model_modes_are_restored(tiny_model):
         ({"mode": "slide", "crop_size": 8, "stride": 9}, "stride"),
         ({"crop_size": 8}, "only apply to mode='slide'"),
         ({"scales": ()}, "scales"),
-        ({"branch": 2}, "branch"),
         ({"window_batch_size": 0}, "window_batch_size"),
     ],
 )
 def test_invalid_protocols_are_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        predict_probabilities(pointwise_model(), random_images(), **kwargs)
+        InferenceProtocol(**kwargs)
+
+
+def test_invalid_branch_is_rejected():
+    with pytest.raises(ValueError, match="branch"):
+        predict_probabilities(pointwise_model(), random_images(), branch=2)
 
 
 class HalfResolutionModel(nn.Module):
@@ -307,14 +329,14 @@ def hand_metrics(
 @pytest.mark.parametrize("ignore_index", [255, 0])
 def test_evaluate_model_matches_metrics_computed_by_hand(tiny_model, ignore_index):
     items = labelled_items()
-    protocol = dict(mode="slide", crop_size=16, flip=True)
+    protocol = InferenceProtocol(mode="slide", crop_size=16, flip=True)
     results = evaluate_model(
-        tiny_model, items, ignore_index=ignore_index, batch_size=2, progress=False, **protocol
+        tiny_model, items, protocol, ignore_index=ignore_index, batch_size=2, progress=False
     )
     assert list(results) == ["branch_0", "branch_1", "ensemble"]
     for name, branch in (("branch_0", 0), ("branch_1", 1), ("ensemble", "ensemble")):
         predictions = [
-            predict_probabilities(tiny_model, item["pixel_values"][None], branch=branch, **protocol)[0]
+            predict_probabilities(tiny_model, item["pixel_values"][None], protocol=protocol, branch=branch)[0]
             .argmax(dim=0)
             .numpy()
             for item in items

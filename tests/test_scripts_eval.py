@@ -11,7 +11,8 @@ from transformers import AutoImageProcessor
 from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import SegmentationTransform, SupervisedSegmentationDataset, load_segmentation_dataset
 from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
-from cps_hf.inference import evaluate_model, load_image_normalization
+from cps_hf.evaluation import evaluate_model
+from cps_hf.inference import InferenceProtocol, load_image_normalization
 
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
 
@@ -72,7 +73,9 @@ def test_evaluate_script_reports_every_branch_and_the_ensemble(tmp_path, saved_m
         num_labels=NUM_LABELS,
         transform=SegmentationTransform(train=False, mean=mean, std=std),
     )
-    expected = evaluate_model(model, dataset, mode="slide", crop_size=24, flip=True, progress=False)
+    expected = evaluate_model(
+        model, dataset, InferenceProtocol(mode="slide", crop_size=24, flip=True), progress=False
+    )
     for name, metrics in expected.items():
         for key, value in metrics.items():
             reported = report["results"][name][key]

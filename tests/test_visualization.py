@@ -14,9 +14,9 @@ from cps_hf import CPSForSemanticSegmentation
 from cps_hf.data import decode_mask, load_segmentation_dataset
 from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 from cps_hf.inference import load_image_normalization, predict_segmentation
-from cps_hf.visualization import (
+from cps_hf.visualization import IGNORE_COLOR, segmentation_palette
+from tools.figures import (
     _RUN_COLORS,
-    IGNORE_COLOR,
     GridLayout,
     load_iou_results,
     load_log_history,
@@ -24,7 +24,6 @@ from cps_hf.visualization import (
     per_class_iou_chart,
     qualitative_grid,
     read_class_names,
-    segmentation_palette,
     select_sample_indices,
     training_curves,
 )
