@@ -9,11 +9,14 @@ the same batches, each in its own process. Prints a table; `--output_json` write
 """
 
 import json
+import sys
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from cps_hf.benchmarking import BenchmarkArguments, format_benchmark_table, run_benchmark
+# The benchmarks live in benchmarks/ next to scripts/ (tooling, not part of the installed package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.step import BenchmarkArguments, format_benchmark_table, run_benchmark  # noqa: E402
 
 
 def main() -> None:

@@ -5,8 +5,11 @@ exactly as `scripts/train_cps.py` builds it:
 """
 
 import sys
+from pathlib import Path
 
-from cps_hf.benchmarking import benchmark_data_pipeline
+# The benchmarks live in benchmarks/ next to scripts/ (tooling, not part of the installed package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.data_pipeline import benchmark_data_pipeline  # noqa: E402
 from cps_hf.experiment import build_data, parse_experiment_arguments
 
 

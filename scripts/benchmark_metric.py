@@ -5,12 +5,15 @@ the same random predictions and labels (default: CamVid validation size, 101 ima
 """
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from cps_hf.benchmarking import benchmark_metric
+# The benchmarks live in benchmarks/ next to scripts/ (tooling, not part of the installed package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.metric import benchmark_metric  # noqa: E402
 
 
 @dataclass

@@ -6,8 +6,7 @@ import torch
 from helpers import run_script
 from torch import nn
 
-from cps_hf import CPSConfig, CPSForSemanticSegmentation
-from cps_hf.benchmarking import (
+from benchmarks.step import (
     BenchmarkArguments,
     benchmark_steps,
     fast_cutmix_step,
@@ -16,6 +15,7 @@ from cps_hf.benchmarking import (
     reference_cutmix_step,
     run_benchmark,
 )
+from cps_hf import CPSConfig, CPSForSemanticSegmentation
 
 BATCH_SIZE, CROP_SIZE, NUM_LABELS, CPS_WEIGHT = 2, 32, 3, 1.0
 REPORT_KEYS = {
@@ -256,7 +256,7 @@ def test_isolated_benchmark_runs_each_step_in_its_own_process():
 
 
 def test_interleaved_benchmark_alternates_the_two_steps(monkeypatch):
-    from cps_hf import benchmarking
+    from benchmarks import step as benchmarking
 
     calls = []
 
@@ -284,7 +284,7 @@ def test_interleaved_benchmark_alternates_the_two_steps(monkeypatch):
 
 
 def test_metric_benchmark_compares_equal_results():
-    from cps_hf.benchmarking import benchmark_metric
+    from benchmarks.metric import benchmark_metric
 
     report = benchmark_metric(num_images=5, height=12, width=10, num_labels=4, batch_size=2, repeats=1)
     assert report["max_per_class_iou_difference"] < 1e-12
@@ -293,7 +293,7 @@ def test_metric_benchmark_compares_equal_results():
 
 
 def test_data_pipeline_benchmark_runs_the_training_dataset(tmp_path):
-    from cps_hf.benchmarking import benchmark_data_pipeline
+    from benchmarks.data_pipeline import benchmark_data_pipeline
     from cps_hf.data import SegmentationTransform, SemiSupervisedSegmentationDataset
     from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES, make_synthetic_segmentation_dataset
 
