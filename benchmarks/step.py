@@ -29,7 +29,7 @@ from cps_hf.configuration_cps import CPSConfig
 from cps_hf.losses import cross_pseudo_supervision_loss, supervised_cross_entropy
 from cps_hf.masking import generate_cutmix_masks, mix_with_mask
 from cps_hf.modeling_cps import CPSForSemanticSegmentation
-from cps_hf.trainer import check_cutmix_inputs, cutmix_forward
+from cps_hf.trainer import check_cutmix_inputs, cutmix_forward, in_memory_format
 
 logger = logging.get_logger(__name__)
 
@@ -173,7 +173,6 @@ def fast_cutmix_step(
     dtype: torch.dtype,
     fused_forward: bool = False,
     channels_last: bool = False,
-    teacher_channels_last: bool = True,
 ) -> CutMixStepOutput:
     """
     One CutMix CPS training step that learns what [`reference_cutmix_step`] learns, with fewer and cheaper calls:
@@ -200,8 +199,6 @@ def fast_cutmix_step(
             the concatenations. With BatchNorm in eval mode it computes the reference step's losses.
         channels_last (`bool`, *optional*, defaults to `False`):
             Feed all images in `torch.channels_last` layout (layout only, same values).
-        teacher_channels_last (`bool`, *optional*, defaults to `True`):
-            Feed the no-grad teacher passes' images in `torch.channels_last` layout.
 
     Returns:
         [`CutMixStepOutput`]: the detached loss terms (not read back to the host).
@@ -211,13 +208,8 @@ def fast_cutmix_step(
         device_type=batch["pixel_values"].device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16
     )
     with autocast:
-        forward = cutmix_forward(
-            model,
-            batch,
-            fused_forward=fused_forward,
-            memory_format=torch.channels_last if channels_last else None,
-            teacher_memory_format=torch.channels_last if channels_last or teacher_channels_last else None,
-        )
+        images = in_memory_format(batch, torch.channels_last) if channels_last else batch
+        forward = cutmix_forward(model, images, fused_forward=fused_forward)
     # Losses in fp32 whatever the forward dtype: log-softmax over bf16 logits loses the small probabilities.
     loss, supervised, cps = _step_losses(
         model,
@@ -413,10 +405,6 @@ class BenchmarkArguments:
     channels_last: bool = field(
         default=False, metadata={"help": "Fast step: channels-last layout of the whole model."}
     )
-    teacher_channels_last: bool = field(
-        default=True,
-        metadata={"help": "Fast step: channels-last inputs for the no-grad teacher passes only."},
-    )
     skip_padding_taps: bool = field(
         default=True,
         metadata={"help": "Fast step: dilated convolutions skip taps that only read zero padding (exact)."},
@@ -517,7 +505,6 @@ def _build_step(
                 dtype=DTYPES[args.dtype],
                 fused_forward=args.fused_forward,
                 channels_last=args.channels_last,
-                teacher_channels_last=args.teacher_channels_last,
             )
         else:
             output = reference_cutmix_step(model, batch, optimizer, args.cps_weight)

@@ -79,13 +79,19 @@ def teacher_mode(model: nn.Module, pseudo_label_mode: str) -> Iterator[None]:
         model.train()
 
 
-def branch_logits(
-    model: nn.Module, pixel_values: torch.Tensor, memory_format: torch.memory_format | None = None
-) -> tuple[torch.Tensor, ...]:
+def branch_logits(model: nn.Module, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Every branch's logits for one batch, from one (possibly DDP-wrapped) model call."""
-    if memory_format is not None:
-        pixel_values = pixel_values.contiguous(memory_format=memory_format)
     return model(pixel_values=pixel_values, output_branch_logits=True).branch_logits
+
+
+def in_memory_format(
+    inputs: Mapping[str, torch.Tensor], memory_format: torch.memory_format
+) -> dict[str, torch.Tensor]:
+    """The batch with its image tensors (4-D) in `memory_format`; same values."""
+    return {
+        key: value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
+        for key, value in inputs.items()
+    }
 
 
 def cutmix_forward(
@@ -95,8 +101,6 @@ def cutmix_forward(
     pseudo_label_mode: str = "train",
     confidence_threshold: float = 0.0,
     fused_forward: bool = False,
-    memory_format: torch.memory_format | None = None,
-    teacher_memory_format: torch.memory_format | None = None,
 ) -> CutMixForwardOutput:
     """
     The forward passes of one CutMix CPS step, each model call running every branch. The paper's step, in the
@@ -121,10 +125,6 @@ def cutmix_forward(
             concatenated batches (teachers: `u0` and `u1` together; students: labelled and mixed images together)
             and updates its running statistics once per call. With BatchNorm in eval mode both steps compute the
             same logits.
-        memory_format (`torch.memory_format`, *optional*):
-            Layout of the student and labelled inputs (default: as given).
-        teacher_memory_format (`torch.memory_format`, *optional*):
-            Layout of the teacher inputs (default: as given).
 
     Returns:
         [`CutMixForwardOutput`]
@@ -136,15 +136,13 @@ def cutmix_forward(
     with torch.no_grad(), teacher_mode(model, pseudo_label_mode):
         if fused_forward or pseudo_label_mode == "eval":
             both_batches = torch.cat([unlabeled_pixel_values, mix_unlabeled_pixel_values])
-            teacher_pairs = [
-                logits.chunk(2) for logits in branch_logits(model, both_batches, teacher_memory_format)
-            ]
+            teacher_pairs = [logits.chunk(2) for logits in branch_logits(model, both_batches)]
         else:
             # Train-mode BN normalises with batch statistics: keep the paper's two separate batches.
             teacher_pairs = list(
                 zip(
-                    branch_logits(model, unlabeled_pixel_values, teacher_memory_format),
-                    branch_logits(model, mix_unlabeled_pixel_values, teacher_memory_format),
+                    branch_logits(model, unlabeled_pixel_values),
+                    branch_logits(model, mix_unlabeled_pixel_values),
                 )
             )
         pseudo_labels = [
@@ -158,11 +156,11 @@ def cutmix_forward(
     labeled_pixel_values = inputs["pixel_values"]
     if fused_forward:
         sizes = [labeled_pixel_values.shape[0], mixed_pixel_values.shape[0]]
-        joint = branch_logits(model, torch.cat([labeled_pixel_values, mixed_pixel_values]), memory_format)
+        joint = branch_logits(model, torch.cat([labeled_pixel_values, mixed_pixel_values]))
         labeled_logits, student_logits = zip(*(logits.split(sizes) for logits in joint))
     else:
-        student_logits = branch_logits(model, mixed_pixel_values, memory_format)
-        labeled_logits = branch_logits(model, labeled_pixel_values, memory_format)
+        student_logits = branch_logits(model, mixed_pixel_values)
+        labeled_logits = branch_logits(model, labeled_pixel_values)
     return CutMixForwardOutput(
         labeled_logits=list(labeled_logits), student_logits=list(student_logits), pseudo_labels=pseudo_labels
     )
@@ -173,7 +171,6 @@ def plain_cps_forward(
     inputs: Mapping[str, torch.Tensor],
     *,
     fused_forward: bool = False,
-    memory_format: torch.memory_format | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """
     The forward passes of one plain CPS step: every branch's logits of the labelled images, and of the labelled and
@@ -184,17 +181,13 @@ def plain_cps_forward(
         raise ValueError("CPS batches need `unlabeled_pixel_values`; check `remove_unused_columns=False`.")
     labeled_pixel_values, unlabeled_pixel_values = inputs["pixel_values"], inputs["unlabeled_pixel_values"]
     if fused_forward:
-        joint_logits = list(
-            branch_logits(model, torch.cat([labeled_pixel_values, unlabeled_pixel_values]), memory_format)
-        )
+        joint_logits = list(branch_logits(model, torch.cat([labeled_pixel_values, unlabeled_pixel_values])))
         labeled_logits = [logits[: labeled_pixel_values.shape[0]] for logits in joint_logits]
     else:
-        labeled_logits = list(branch_logits(model, labeled_pixel_values, memory_format))
+        labeled_logits = list(branch_logits(model, labeled_pixel_values))
         joint_logits = [
             torch.cat([labeled, unlabeled])
-            for labeled, unlabeled in zip(
-                labeled_logits, branch_logits(model, unlabeled_pixel_values, memory_format)
-            )
+            for labeled, unlabeled in zip(labeled_logits, branch_logits(model, unlabeled_pixel_values))
         ]
     return labeled_logits, joint_logits
 
@@ -578,9 +571,11 @@ class CPSTrainer(Trainer):
         """The loss of one training step, its named terms (detached) and the labelled-batch outputs."""
         labels = inputs["labels"]
         cps_loss = None
-        memory_format = torch.channels_last if self.args.channels_last else None
+        if self.args.channels_last:
+            # Mixed images and concatenations of channels-last tensors stay channels-last.
+            inputs = in_memory_format(inputs, torch.channels_last)
         if self.args.supervised_only:
-            labeled_logits = list(branch_logits(model, inputs["pixel_values"], memory_format))
+            labeled_logits = list(branch_logits(model, inputs["pixel_values"]))
         elif self.args.cutmix:
             forward = cutmix_forward(
                 model,
@@ -588,8 +583,6 @@ class CPSTrainer(Trainer):
                 pseudo_label_mode=self.args.pseudo_label_mode,
                 confidence_threshold=self.args.cps_confidence_threshold,
                 fused_forward=self.args.fused_forward,
-                memory_format=memory_format,
-                teacher_memory_format=memory_format,
             )
             pseudo_labels = forward.pseudo_labels
             student_logits = [logits.float() for logits in forward.student_logits]
@@ -597,7 +590,7 @@ class CPSTrainer(Trainer):
             labeled_logits = forward.labeled_logits
         else:
             labeled_logits, joint_logits = plain_cps_forward(
-                model, inputs, fused_forward=self.args.fused_forward, memory_format=memory_format
+                model, inputs, fused_forward=self.args.fused_forward
             )
             joint_logits = [logits.float() for logits in joint_logits]
             pseudo_labels = [
