@@ -10,6 +10,8 @@ steps from the same initial weights on the same batches, each in its own process
 
 from __future__ import annotations
 
+import copy
+import functools
 import multiprocessing
 import os
 import platform
@@ -17,12 +19,14 @@ import resource
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging
 
 from cps_hf.configuration_cps import CPSConfig
@@ -283,13 +287,112 @@ def _synchronize(device: torch.device) -> None:
         torch.accelerator.synchronize(device)
 
 
+@dataclass(frozen=True)
+class ConvolutionCall:
+    """One convolution call of a step: the layer, its input shape and layout, and whether it ran with gradients."""
+
+    layer: nn.Conv2d
+    input_shape: tuple[int, ...]
+    channels_last: bool
+    with_grad: bool
+
+    @property
+    def key(self) -> tuple[Any, ...]:
+        layer = self.layer
+        return (
+            tuple(layer.weight.shape),
+            layer.stride,
+            layer.padding,
+            layer.dilation,
+            layer.groups,
+            self.input_shape,
+            self.channels_last,
+            self.with_grad,
+        )
+
+
+def counted_step(step: Callable[[], Any], model: nn.Module) -> tuple[float, list[ConvolutionCall]]:
+    """Runs `step` once, counting its FLOPs (`torch.utils.flop_counter`, forward and backward) and recording every
+    `nn.Conv2d` call of `model`. Returns the GFLOP and the calls."""
+    calls: list[ConvolutionCall] = []
+
+    def record(layer: nn.Conv2d, args: tuple[Tensor, ...]) -> None:
+        images = args[0]
+        channels_last = images.dim() == 4 and images.is_contiguous(memory_format=torch.channels_last)
+        calls.append(
+            ConvolutionCall(
+                layer,
+                tuple(images.shape),
+                channels_last and not images.is_contiguous(),
+                torch.is_grad_enabled(),
+            )
+        )
+
+    handles = [
+        layer.register_forward_pre_hook(record) for layer in model.modules() if isinstance(layer, nn.Conv2d)
+    ]
+    try:
+        with FlopCounterMode(display=False) as counter:
+            step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counter.get_total_flops() / 1e9, calls
+
+
+def _run_convolution(layer: nn.Conv2d, images: Tensor, with_grad: bool, autocast: torch.autocast) -> None:
+    with torch.set_grad_enabled(with_grad), autocast:
+        output = layer(images)
+    if with_grad:
+        output.float().sum().backward()
+
+
+def convolution_peak_gflops(
+    calls: list[ConvolutionCall], dtype: torch.dtype, device: torch.device, repeats: int = 3
+) -> float:
+    """
+    The machine's rate on the step's own convolutions: each distinct call (same weights shape, stride, padding,
+    dilation, groups, input shape and layout) run alone, forward — and backward for the inputs and weights when the
+    step ran it with gradients — at the step's dtype and thread count, best of `repeats`; FLOPs counted as for the
+    step. Returns GFLOP/s over all calls, each weighted by how often the step makes it.
+    """
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    total_gflop = total_seconds = 0.0
+    for key, count in Counter(call.key for call in calls).items():
+        call = next(call for call in calls if call.key == key)
+        layer = copy.deepcopy(call.layer)
+        images = torch.randn(call.input_shape, device=device)
+        if call.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        images.requires_grad_(call.with_grad)
+
+        run = functools.partial(_run_convolution, layer, images, call.with_grad, autocast)
+        run()
+        with FlopCounterMode(display=False) as counter:
+            run()
+        seconds = []
+        for _ in range(repeats):
+            _synchronize(device)
+            start = time.perf_counter()
+            run()
+            _synchronize(device)
+            seconds.append(time.perf_counter() - start)
+        total_gflop += count * counter.get_total_flops() / 1e9
+        total_seconds += count * min(seconds)
+    return total_gflop / total_seconds
+
+
 class _StepTimer:
     """Times single steps of one step function; summarises them with the memory figures of this process."""
 
     def __init__(
-        self, step_fn: Callable[[Mapping[str, Tensor]], Any], make_batch: Callable[[], Mapping[str, Tensor]]
+        self,
+        step_fn: Callable[[Mapping[str, Tensor]], Any],
+        make_batch: Callable[[], Mapping[str, Tensor]],
+        model: nn.Module | None = None,
+        dtype: torch.dtype = torch.float32,
     ):
-        self.step_fn, self.make_batch = step_fn, make_batch
+        self.step_fn, self.make_batch, self.model, self.dtype = step_fn, make_batch, model, dtype
         self.device = self.images_per_step = self.rss_before = None
 
     def step(self) -> float:
@@ -311,6 +414,20 @@ class _StepTimer:
         """Runs `warmup` untimed and `steps` timed steps; returns the timed steps' seconds."""
         _check_step_counts(steps, warmup)
         return [self.step() for _ in range(warmup + steps)][warmup:]
+
+    def efficiency(self, step_seconds: float) -> dict[str, float]:
+        """FLOPs of one more step, the rate they were done at in `step_seconds`, the machine's rate on the same
+        convolutions alone ([`convolution_peak_gflops`]) and their ratio."""
+        batch = self.make_batch()
+        step_gflop, calls = counted_step(lambda: self.step_fn(batch), self.model)
+        peak_gflops = convolution_peak_gflops(calls, self.dtype, self.device)
+        achieved_gflops = step_gflop / step_seconds
+        return {
+            "step_gflop": step_gflop,
+            "achieved_gflops": achieved_gflops,
+            "convolution_peak_gflops": peak_gflops,
+            "efficiency": achieved_gflops / peak_gflops,
+        }
 
     def summary(self, timings: list[float]) -> dict[str, Any]:
         median = statistics.median(timings)
@@ -515,11 +632,15 @@ def _build_step(
         "num_threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
     }
-    return _StepTimer(step_fn, make_batch), facts, outputs
+    dtype = DTYPES[args.dtype] if fast else torch.float32
+    return _StepTimer(step_fn, make_batch, model, dtype), facts, outputs
 
 
 def _finish(timer: _StepTimer, facts: dict[str, Any], outputs: list[CutMixStepOutput], timings: list[float]):
-    return {**timer.summary(timings), **facts, "final_loss": outputs[-1].loss.item()}
+    summary = timer.summary(timings)
+    final_loss = outputs[-1].loss.item()
+    # After the timed steps and the memory figures: counting runs one more step and the convolutions alone.
+    return {**summary, **facts, "final_loss": final_loss, **timer.efficiency(summary["step_seconds_median"])}
 
 
 def run_step_benchmark(args: BenchmarkArguments, mode: str) -> dict[str, Any]:
@@ -668,6 +789,12 @@ def run_benchmark(args: BenchmarkArguments) -> dict[str, Any]:
         "peak_memory_bytes": fast["peak_memory_bytes"],
         "peak_memory_kind": fast["peak_memory_kind"],
         "memory_isolated": args.isolate_processes or fast["peak_memory_kind"] != "process_peak_rss",
+        "step_gflop": fast["step_gflop"],
+        "achieved_gflops": fast["achieved_gflops"],
+        "efficiency": fast["efficiency"],
+        "reference_step_gflop": reference["step_gflop"],
+        "reference_achieved_gflops": reference["achieved_gflops"],
+        "reference_efficiency": reference["efficiency"],
         "same_initial_weights": same_weights,
         "settings": asdict(args),
         "machine": machine,
@@ -680,7 +807,19 @@ def format_benchmark_table(report: Mapping[str, Any]) -> str:
     """A plain-text table of a [`run_benchmark`] report."""
     settings = report["settings"]
     rows = [
-        ("step", "dtype", "median s", "min s", "max s", "images/s", "peak MiB", "final loss"),
+        (
+            "step",
+            "dtype",
+            "median s",
+            "min s",
+            "max s",
+            "images/s",
+            "peak MiB",
+            "final loss",
+            "GFLOP",
+            "GFLOP/s",
+            "of peak",
+        ),
     ]
     for name, dtype in (("reference", "fp32"), ("fast", settings["dtype"])):
         result = report[name]
@@ -694,6 +833,9 @@ def format_benchmark_table(report: Mapping[str, Any]) -> str:
                 f"{result['images_per_second']:.2f}",
                 f"{result['peak_memory_bytes'] / 2**20:.0f}",
                 f"{result['final_loss']:.4f}",
+                f"{result['step_gflop']:.1f}",
+                f"{result['achieved_gflops']:.1f}",
+                f"{100 * result['efficiency']:.0f}%",
             )
         )
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]

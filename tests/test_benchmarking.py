@@ -9,6 +9,8 @@ from torch import nn
 from benchmarks.step import (
     BenchmarkArguments,
     benchmark_steps,
+    convolution_peak_gflops,
+    counted_step,
     fast_cutmix_step,
     make_cutmix_batch,
     prepare_model_for_fast_step,
@@ -19,6 +21,12 @@ from cps_hf import CPSConfig, CPSForSemanticSegmentation
 
 BATCH_SIZE, CROP_SIZE, NUM_LABELS, CPS_WEIGHT = 2, 32, 3, 1.0
 REPORT_KEYS = {
+    "step_gflop",
+    "achieved_gflops",
+    "efficiency",
+    "reference_step_gflop",
+    "reference_achieved_gflops",
+    "reference_efficiency",
     "reference_step_seconds",
     "step_seconds",
     "speedup",
@@ -205,6 +213,39 @@ def test_fast_step_rejects_bad_inputs(initial_model):
         BenchmarkArguments(batch_size=1)
 
 
+def test_step_flops_and_convolution_peak(initial_model):
+    (batch,) = make_batches(1)
+    reference = official_network_copy(initial_model)
+    fast = copy.deepcopy(initial_model)
+    counts = {}
+    for name, model, step in (
+        (
+            "reference",
+            reference,
+            lambda: reference_cutmix_step(reference, batch, sgd(reference, False), CPS_WEIGHT),
+        ),
+        (
+            "fast",
+            fast,
+            lambda: fast_cutmix_step(fast, batch, sgd(fast, True), CPS_WEIGHT, dtype=torch.float32),
+        ),
+    ):
+        counts[name] = counted_step(step, model)
+    (reference_gflop, reference_calls), (fast_gflop, fast_calls) = counts["reference"], counts["fast"]
+    # Teacher passes run without gradients, students and labelled passes with them.
+    assert {call.with_grad for call in fast_calls} == {True, False}
+    # Every branch's convolutions run in both steps; the fast step skips only zero-padding taps.
+    assert len(fast_calls) == len(reference_calls)
+    assert 0 < fast_gflop <= reference_gflop
+    # One layer's forward: 2 FLOPs (multiply, add) per weight and output pixel.
+    layer = fast_calls[0].layer
+    images = torch.randn(fast_calls[0].input_shape)
+    output_pixels = layer(images).shape[-2:].numel() * images.shape[0]
+    forward_flop = 2 * output_pixels * layer.weight.numel()
+    assert counted_step(lambda: layer(images), layer)[0] * 1e9 == forward_flop
+    assert convolution_peak_gflops(fast_calls, torch.float32, torch.device("cpu"), repeats=1) > 0
+
+
 def test_benchmark_steps_times_only_the_requested_steps():
     calls = []
     result = benchmark_steps(
@@ -235,6 +276,11 @@ def test_benchmark_script_writes_the_report(tmp_path):
     assert report["settings"]["dtype"] == "bf16" and report["machine"]["num_threads"] == 1
     assert report["machine"]["torch_version"] == torch.__version__
     assert report["memory_isolated"] is False
+    for prefix in ("", "reference_"):
+        assert report[f"{prefix}achieved_gflops"] == pytest.approx(
+            report[f"{prefix}step_gflop"] / report[f"{prefix}step_seconds"]
+        )
+        assert report[f"{prefix}efficiency"] > 0
 
 
 @pytest.mark.slow
