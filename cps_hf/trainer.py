@@ -546,7 +546,13 @@ class CPSTrainer(Trainer):
         if self.args.world_size > 1:
             with torch.no_grad():
                 broadcast(list(self.model.buffers()), from_process=0)
-        return super().evaluate(*args, **kwargs)
+        start = time.perf_counter()
+        try:
+            return super().evaluate(*args, **kwargs)
+        finally:
+            # The throughput clock counts training only: an evaluation between two logs is not training time.
+            if self._last_log_time is not None:
+                self._last_log_time += time.perf_counter() - start
 
     def _evaluation_loss(self, model, inputs, return_outputs):
         outputs = model(pixel_values=inputs["pixel_values"], labels=inputs.get("labels"))

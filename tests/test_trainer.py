@@ -1,6 +1,7 @@
 import copy
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -419,9 +420,14 @@ def test_evaluation_reports_streaming_miou(tmp_path, synthetic_splits):
         eval_dataset=eval_dataset,
         data_collator=collate_semi_supervised,
     )
+    trainer._last_log_time = clock_start = time.perf_counter()
+    before = time.perf_counter()
     metrics = trainer.evaluate()
+    evaluation_seconds = time.perf_counter() - before
     assert 0.0 <= metrics["eval_mean_iou"] <= 1.0
     assert "eval_iou_background" in metrics and metrics["eval_loss"] > 0
+    # The throughput clock pauses during evaluation: its start moves forward by (at most) the evaluation's time.
+    assert 0 < trainer._last_log_time - clock_start <= evaluation_seconds
 
 
 def experiment_argv(output_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
