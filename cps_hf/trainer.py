@@ -30,7 +30,7 @@ from .losses import (
     supervised_cross_entropy,
 )
 from .masking import mix_with_mask
-from .metrics import make_compute_metrics
+from .metrics import class_predictions, make_compute_metrics
 from .modeling_cps import CPSSemanticSegmenterOutput
 
 logger = logging.get_logger(__name__)
@@ -672,7 +672,7 @@ def predictions_from_logits(logits: Any, labels: torch.Tensor) -> torch.Tensor:
     """Argmax on the device before evaluation gathers anything: `num_labels` times less to move."""
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=1)
+    return class_predictions(logits)
 
 
 __all__ = [
