@@ -397,16 +397,6 @@ class CPSTrainer(Trainer):
         model = kwargs.get("model")
         if training_args is not None and not isinstance(training_args, CPSTrainingArguments):
             raise TypeError(f"CPSTrainer needs CPSTrainingArguments, got {type(training_args).__name__}.")
-        if unlabeled_stream is not None and training_args is not None:
-            if training_args.supervised_only:
-                raise ValueError(
-                    "`supervised_only` trains without unlabelled images: pass no `unlabeled_stream`."
-                )
-            if unlabeled_stream.cutmix != training_args.cutmix:
-                raise ValueError(
-                    f"The unlabelled stream was built with cutmix={unlabeled_stream.cutmix}, the training arguments "
-                    f"have cutmix={training_args.cutmix}."
-                )
         if model is not None and kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = make_compute_metrics(
                 num_labels=model.config.num_labels,
@@ -421,6 +411,8 @@ class CPSTrainer(Trainer):
         self._checkpoint_staging_dir: str | None = None
         self._images_since_log = 0
         self._last_log_time: float | None = None
+        if unlabeled_stream is not None:
+            self._check_unlabeled_stream(unlabeled_stream)
         self.unlabeled_stream = unlabeled_stream
         self._unlabeled_batches: UnlabeledBatches | None = None
         self.add_callback(EpochForwardingCallback(self))
@@ -432,6 +424,22 @@ class CPSTrainer(Trainer):
         if self.args.world_size > 1 and self.args.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
             use_sync_batchnorm(self.model)
+
+    def _check_unlabeled_stream(self, stream: UnlabeledImageStream) -> None:
+        if self.args.supervised_only:
+            raise ValueError(
+                "`supervised_only` trains without unlabelled images: pass no `unlabeled_stream`."
+            )
+        if stream.cutmix != self.args.cutmix:
+            raise ValueError(
+                f"The unlabelled stream was built with cutmix={stream.cutmix}, the training arguments have "
+                f"cutmix={self.args.cutmix}."
+            )
+        if (stream.process_index, stream.num_processes) != (self.args.process_index, self.args.world_size):
+            raise ValueError(
+                f"The unlabelled stream was split for process {stream.process_index} of {stream.num_processes}; "
+                f"this is process {self.args.process_index} of {self.args.world_size}."
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
         if self.unlabeled_stream is None:

@@ -40,7 +40,7 @@ def pool(tmp_path_factory) -> Path:
 
 @cache
 def streamed_split(pool: Path) -> datasets.IterableDataset:
-    # Streams never change the split they are given (they iterate copies of it), so tests can share it.
+    # Streams iterate their own `select_columns` copy of the split (its features are known), so tests can share it.
     return load_segmentation_dataset(str(pool), streaming=True)["train"]
 
 
@@ -71,7 +71,7 @@ def test_a_local_parquet_folder_streams_every_row_once_per_pass_in_shuffled_bloc
     assert [epoch for epoch, _, _ in rows[-4:]] == [3] * 4
     assert all(sorted(ids) == sorted(ALL_IDS) for ids in passes)
     file_order = sorted(ALL_IDS)
-    # Pass 0 reads the files in order, shuffled within blocks of 5 rows; later passes reorder the files too.
+    # Pass 0 reads the files in order, shuffled within blocks of 5 rows; every pass is shuffled differently.
     assert passes[0] != file_order
     assert all(set(passes[0][i : i + 5]) == set(file_order[i : i + 5]) for i in range(0, NUM_ROWS, 5))
     assert len({tuple(ids) for ids in passes}) == 3
@@ -305,3 +305,20 @@ def test_a_streaming_run_killed_and_resumed_ends_like_an_uninterrupted_one(lab, 
 def _stream_of(lab: FaultLab, pool: Path) -> UnlabeledImageStream:
     """A stream with the settings of the training runs above (what their saved positions are checked against)."""
     return make_stream(pool, cutmix=True, split_name=SplitName("train", str(pool)))
+
+
+def test_the_trainer_refuses_a_stream_built_for_another_run(pool, tiny_config, tmp_path):
+    from cps_hf import CPSForSemanticSegmentation
+    from cps_hf.trainer import CPSTrainer, CPSTrainingArguments
+
+    def trainer(stream: UnlabeledImageStream, **arguments) -> CPSTrainer:
+        args = CPSTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **arguments)
+        return CPSTrainer(model=CPSForSemanticSegmentation(tiny_config), args=args, unlabeled_stream=stream)
+
+    assert trainer(make_stream(pool, cutmix=True), cutmix=True).unlabeled_stream is not None
+    with pytest.raises(ValueError, match=r"built with cutmix=True, the training arguments have cutmix=False"):
+        trainer(make_stream(pool, cutmix=True))
+    with pytest.raises(ValueError, match=r"split for process 1 of 2; this is process 0 of 1"):
+        trainer(make_stream(pool, process_index=1, num_processes=2))
+    with pytest.raises(ValueError, match=r"`supervised_only` trains without unlabelled images"):
+        trainer(make_stream(pool), supervised_only=True)
