@@ -32,6 +32,7 @@ from transformers.utils import logging
 from cps_hf.configuration_cps import CPSConfig
 from cps_hf.losses import cross_pseudo_supervision_loss, supervised_cross_entropy
 from cps_hf.masking import generate_cutmix_masks, mix_with_mask
+from cps_hf.metrics import class_predictions
 from cps_hf.modeling_cps import CPSForSemanticSegmentation
 from cps_hf.trainer import check_cutmix_inputs, cutmix_forward, in_memory_format
 
@@ -125,7 +126,7 @@ def reference_cutmix_step(
         for branch_index in range(num_branches):
             source_logits = model(source_images, branch_index=branch_index).logits
             partner_logits = model(partner_images, branch_index=branch_index).logits
-            pseudo_labels.append(mix_with_mask(source_logits, partner_logits, masks).argmax(dim=1))
+            pseudo_labels.append(class_predictions(mix_with_mask(source_logits, partner_logits, masks)))
     mixed_images = mix_with_mask(source_images, partner_images, masks)
     student_logits = [model(mixed_images, branch_index=index).logits for index in range(num_branches)]
     labeled_logits = [

@@ -222,6 +222,8 @@ def build_data(data_args: DataArguments, training_args: CPSTrainingArguments, ba
         supervised_only=training_args.supervised_only,
         mean=mean,
         std=std,
+        process_index=training_args.process_index,
+        num_processes=training_args.world_size,
     )
 
 
@@ -289,6 +291,7 @@ def run_experiment(
         eval_dataset=data.eval_dataset,
         data_collator=collate_semi_supervised,
         processing_class=image_processor,
+        unlabeled_stream=data.unlabeled_stream,
     )
     results: dict[str, Any] = {}
     if training_args.do_train:

@@ -27,6 +27,7 @@ from transformers.utils import logging
 
 from .data import decode_image, size_pair
 from .image_processing import backbone_normalization
+from .metrics import class_predictions
 from .modeling_cps import CPSForSemanticSegmentation
 
 logger = logging.get_logger(__name__)
@@ -565,7 +566,7 @@ def predict_segmentation(
     probabilities = predict_probabilities(
         model, ((pixels - mean) / std).unsqueeze(0), protocol=protocol, branch=branch
     )
-    return probabilities[0].argmax(dim=0).cpu()
+    return class_predictions(probabilities)[0].cpu()
 
 
 def is_local_path(name: str) -> bool:

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .metrics import class_predictions
+
 __all__ = [
     "PSEUDO_LABEL_IGNORE_INDEX",
     "cross_pseudo_supervision_loss",
@@ -162,7 +164,7 @@ def pseudo_labels_from_logits(logits: Tensor, confidence_threshold: float = 0.0)
         raise ValueError(f"`confidence_threshold` must lie in [0, 1], got {confidence_threshold}.")
     logits = logits.detach()
     if confidence_threshold == 0.0:
-        return logits.argmax(dim=1)
+        return class_predictions(logits)
     confidence, labels = logits.float().softmax(dim=1).max(dim=1)
     return labels.masked_fill(confidence < confidence_threshold, PSEUDO_LABEL_IGNORE_INDEX)
 

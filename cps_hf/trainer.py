@@ -18,10 +18,17 @@ from timm.layers import convert_sync_batchnorm
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from .checkpointing import STAGING_DIR_NAME, publish_checkpoint
+from .data.streaming import (
+    StreamPosition,
+    UnlabeledBatches,
+    UnlabeledImageStream,
+    read_stream_position,
+    write_stream_position,
+)
 from .losses import (
     cross_pseudo_supervision_loss,
     kept_pseudo_label_fraction,
@@ -30,7 +37,7 @@ from .losses import (
     supervised_cross_entropy,
 )
 from .masking import mix_with_mask
-from .metrics import make_compute_metrics
+from .metrics import class_predictions, make_compute_metrics
 from .modeling_cps import CPSSemanticSegmenterOutput
 
 logger = logging.get_logger(__name__)
@@ -375,12 +382,17 @@ class CPSTrainer(Trainer):
 
     Checkpoints are published atomically: each is written into `<output_dir>/.incomplete/` and renamed to
     `checkpoint-<step>` once complete (see [`~cps_hf.checkpointing.last_complete_checkpoint`] for resuming).
+
+    With an `unlabeled_stream` ([`~cps_hf.data.UnlabeledImageStream`], a streamed unlabelled pool), the training
+    dataset holds the labelled images only, and every labelled micro-batch is joined by the stream's next batch of
+    as many unlabelled items; each process saves its stream position into every checkpoint and a resumed run
+    continues the stream exactly where it was (with `ignore_data_skip`, from its beginning).
     """
 
     # `compute_loss` returns a per-batch mean; the Trainer divides it for gradient accumulation.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, unlabeled_stream: UnlabeledImageStream | None = None, **kwargs):
         training_args = kwargs.get("args")
         model = kwargs.get("model")
         if training_args is not None and not isinstance(training_args, CPSTrainingArguments):
@@ -399,6 +411,10 @@ class CPSTrainer(Trainer):
         self._checkpoint_staging_dir: str | None = None
         self._images_since_log = 0
         self._last_log_time: float | None = None
+        if unlabeled_stream is not None:
+            self._check_unlabeled_stream(unlabeled_stream)
+        self.unlabeled_stream = unlabeled_stream
+        self._unlabeled_batches: UnlabeledBatches | None = None
         self.add_callback(EpochForwardingCallback(self))
         if self.args.channels_last:
             self.model.to(memory_format=torch.channels_last)
@@ -408,6 +424,52 @@ class CPSTrainer(Trainer):
         if self.args.world_size > 1 and self.args.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
             use_sync_batchnorm(self.model)
+
+    def _check_unlabeled_stream(self, stream: UnlabeledImageStream) -> None:
+        if self.args.supervised_only:
+            raise ValueError(
+                "`supervised_only` trains without unlabelled images: pass no `unlabeled_stream`."
+            )
+        if stream.cutmix != self.args.cutmix:
+            raise ValueError(
+                f"The unlabelled stream was built with cutmix={stream.cutmix}, the training arguments have "
+                f"cutmix={self.args.cutmix}."
+            )
+        if (stream.process_index, stream.num_processes) != (self.args.process_index, self.args.world_size):
+            raise ValueError(
+                f"The unlabelled stream was split for process {stream.process_index} of {stream.num_processes}; "
+                f"this is process {self.args.process_index} of {self.args.world_size}."
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        if self.unlabeled_stream is None:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir)
+        start = StreamPosition()
+        if checkpoint and not self.args.ignore_data_skip:
+            start = read_stream_position(checkpoint, self.unlabeled_stream)
+        self._unlabeled_batches = UnlabeledBatches(
+            self.unlabeled_stream,
+            self._train_batch_size,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory and self.args.device.type == "cuda",
+            prefetch_factor=self.args.dataloader_prefetch_factor,
+            start=start,
+        )
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            self._unlabeled_batches.close()
+            self._unlabeled_batches = None
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self._unlabeled_batches is not None:
+            # Plain CPS: `unlabeled_pixel_values`; CutMix: also the mixing partners and the box masks.
+            batch_samples = [{**batch, **next(self._unlabeled_batches)} for batch in batch_samples]
+        return batch_samples, num_items_in_batch
 
     def _build_accelerator_args(self, **kwargs) -> dict[str, Any]:
         accelerator_args = super()._build_accelerator_args(**kwargs)
@@ -519,6 +581,13 @@ class CPSTrainer(Trainer):
         self._checkpoint_staging_dir = staging_dir
         try:
             super()._save_checkpoint(model, trial)
+            if self._unlabeled_batches is not None:
+                # Every process saves where its part of the stream stands, as it saves its RNG state.
+                write_stream_position(
+                    os.path.join(staging_dir, checkpoint_name),
+                    self.unlabeled_stream,
+                    self._unlabeled_batches.position,
+                )
         finally:
             self._checkpoint_staging_dir = None
         final_dir = os.path.join(run_dir, checkpoint_name)
@@ -672,7 +741,7 @@ def predictions_from_logits(logits: Any, labels: torch.Tensor) -> torch.Tensor:
     """Argmax on the device before evaluation gathers anything: `num_labels` times less to move."""
     if isinstance(logits, tuple):
         logits = logits[0]
-    return logits.argmax(dim=1)
+    return class_predictions(logits)
 
 
 __all__ = [

@@ -162,3 +162,30 @@ def save_tiny_run(
     }
     (model_dir / "eval_slide.json").write_text(json.dumps(report))
     return model_dir
+
+
+def write_parquet_image_pool(
+    folder: Path, num_rows: int, num_files: int, image_size: int = 32, image_column: str = "image"
+) -> Path:
+    """An image-only pool of `num_rows` random PNGs with ids `pool_000`, ... split over `num_files` parquet files
+    named like the Hub's (`train-00000-of-00003.parquet`), as the streamed unlabelled set of the tests."""
+    import io
+
+    import datasets
+    import numpy as np
+    from PIL import Image as PILImage
+
+    features = datasets.Features({"id": datasets.Value("string"), image_column: datasets.Image()})
+    folder.mkdir(parents=True, exist_ok=True)
+    rows_per_file = -(-num_rows // num_files)
+    for file_index in range(num_files):
+        rows = []
+        for row in range(file_index * rows_per_file, min(num_rows, (file_index + 1) * rows_per_file)):
+            pixels = np.random.default_rng(row).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+            encoded = io.BytesIO()
+            PILImage.fromarray(pixels).save(encoded, format="PNG")
+            rows.append({"id": f"pool_{row:03d}", image_column: {"bytes": encoded.getvalue(), "path": None}})
+        datasets.Dataset.from_list(rows, features=features).to_parquet(
+            str(folder / f"train-{file_index:05d}-of-{num_files:05d}.parquet")
+        )
+    return folder

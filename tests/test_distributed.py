@@ -1,23 +1,35 @@
 """Two real CPU processes (gloo) through `accelerate launch`, checked against one process with the same global
-batch: disjoint data shards, identical training, metrics reduced and logged once, only the main process writes."""
+batch: disjoint data shards, identical training, metrics reduced and logged once, only the main process writes.
+Then a streamed unlabelled pool in two processes: disjoint parts of the stream, and an exact resume."""
 
 import json
 import os
 import re
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TWO_CPU_PROCESSES_LAUNCH
+from helpers import TWO_CPU_PROCESSES_LAUNCH, write_parquet_image_pool
 from safetensors.torch import load_file
 
 from cps_hf.data.synthetic import make_synthetic_segmentation_dataset
-from tools.fault_injection import PROBE, REPO_ROOT, FaultLab, loss_history
+from tools.fault_injection import PROBE, REPO_ROOT, FaultLab, loss_history, same_weights
 
 NUM_TRAIN, NUM_VAL, MAX_STEPS = 16, 5, 3
 # 16 rows, 4 labelled: 12 items per epoch; 3 steps of 2 processes x 2 items visit each exactly once.
 ITEMS_PER_EPOCH = 12
+
+
+def launch_environment() -> dict[str, str]:
+    return {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +69,7 @@ def runs(tmp_path_factory):
             *extra,
         ]
 
-    environment = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "1",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
-        "CPS_PROBE_RECORD_DIR": str(workdir / "records"),
-    }
+    environment = {**launch_environment(), "CPS_PROBE_RECORD_DIR": str(workdir / "records")}
     two_processes = workdir / "two-processes"
     launched = subprocess.run(
         [*TWO_CPU_PROCESSES_LAUNCH, str(PROBE), *argv(two_processes)],
@@ -160,3 +165,98 @@ def test_only_the_main_process_writes_checkpoints_cards_and_results(runs):
         checkpoint = runs["two_processes"] / f"checkpoint-{step}"
         assert (checkpoint / "rng_state_0.pth").is_file() and (checkpoint / "rng_state_1.pth").is_file()
     assert not (runs["two_processes"] / ".incomplete").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A streamed unlabelled pool in two processes
+# ---------------------------------------------------------------------------------------------------------------
+
+POOL_ROWS, POOL_FILES, STREAM_STEPS = 20, 4, 4
+# Per process and step: 2 CutMix items of 2 rows. 4 files over 2 processes: 2 files (10 rows) each.
+ROWS_PER_STEP = 4
+
+
+@pytest.fixture(scope="module")
+def streaming_runs(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("distributed-streaming")
+    lab = FaultLab(workdir)
+    pool = write_parquet_image_pool(workdir / "pool", POOL_ROWS, num_files=POOL_FILES)
+
+    def launch(output_dir: Path, records: str) -> None:
+        argv = lab.argv(
+            output_dir,
+            lab.clean_dataset,
+            "--unlabeled_dataset_name",
+            str(pool),
+            "--unlabeled_streaming",
+            "true",
+            "--unlabeled_shuffle_buffer_size",
+            "4",
+            "--cutmix",
+            "true",
+            "--max_steps",
+            str(STREAM_STEPS),
+            "--save_steps",
+            "2",
+        )
+        launched = subprocess.run(
+            [*TWO_CPU_PROCESSES_LAUNCH, str(PROBE), *argv],
+            env={**launch_environment(), "CPS_PROBE_RECORD_DIR": str(workdir / records)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=workdir,
+        )
+        assert launched.returncode == 0, launched.stderr[-4000:]
+
+    uninterrupted = workdir / "two-processes"
+    launch(uninterrupted, "records")
+    # A run whose folder holds only checkpoint-2 of the first one resumes from it, in two processes.
+    resumed = workdir / "resumed"
+    shutil.copytree(uninterrupted / "checkpoint-2", resumed / "checkpoint-2")
+    launch(resumed, "records-resumed")
+
+    def stream_rows(records: str) -> dict[int, list]:
+        return {
+            rank: [
+                tuple(row)
+                for row in json.loads((workdir / records / f"rank-{rank}.json").read_text())["stream_rows"]
+            ]
+            for rank in (0, 1)
+        }
+
+    return {
+        "uninterrupted": uninterrupted,
+        "resumed": resumed,
+        "rows": stream_rows("records"),
+        "resumed_rows": stream_rows("records-resumed"),
+    }
+
+
+@pytest.mark.slow
+def test_each_process_streams_its_own_part_of_the_pool(streaming_runs):
+    rows = streaming_runs["rows"]
+    assert all(len(rank_rows) == STREAM_STEPS * ROWS_PER_STEP for rank_rows in rows.values())
+    first_pass = {
+        rank: [row_id for epoch, row_id in rank_rows if epoch == 0] for rank, rank_rows in rows.items()
+    }
+    # Each process read its 10 rows once in its first pass, then started its second pass.
+    assert all(len(ids) == len(set(ids)) == POOL_ROWS // 2 for ids in first_pass.values())
+    assert not set(first_pass[0]) & set(first_pass[1])
+    assert set(first_pass[0]) | set(first_pass[1]) == {f"pool_{row:03d}" for row in range(POOL_ROWS)}
+    for step in (2, 4):
+        checkpoint = streaming_runs["uninterrupted"] / f"checkpoint-{step}"
+        positions = [
+            json.loads((checkpoint / f"unlabeled_stream_{rank}.json").read_text()) for rank in (0, 1)
+        ]
+        assert [position["position"]["items"] for position in positions] == [step * 2, step * 2]
+        assert [position["settings"]["process_index"] for position in positions] == [0, 1]
+
+
+@pytest.mark.slow
+def test_two_processes_resume_the_stream_exactly(streaming_runs):
+    # After checkpoint-2, each process reads exactly the rows it read in the uninterrupted run after step 2.
+    for rank in (0, 1):
+        assert streaming_runs["resumed_rows"][rank] == streaming_runs["rows"][rank][2 * ROWS_PER_STEP :], rank
+    assert same_weights(streaming_runs["resumed"], streaming_runs["uninterrupted"])
+    assert loss_history(streaming_runs["resumed"]) == loss_history(streaming_runs["uninterrupted"])

@@ -8,6 +8,7 @@ from transformers import EvalPrediction
 
 from cps_hf.metrics import (
     StreamingSegmentationMetric,
+    class_predictions,
     confusion_matrix,
     make_compute_metrics,
     metrics_from_confusion_matrix,
@@ -237,3 +238,19 @@ def test_class_pixel_shares_read_the_confusion_matrix():
     )
     empty = class_pixel_shares(torch.zeros(2, 2, dtype=torch.long))
     assert all(math.isnan(value) for value in empty.values()) and "predicted_share_1" in empty
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_class_predictions_are_argmax_with_first_maximum_on_ties(dtype, channels_last):
+    generator = torch.Generator().manual_seed(0)
+    # Integer scores in [-2, 2] make ties between classes common; NaN counts as the maximum, as in argmax.
+    scores = torch.randint(-2, 3, (3, 7, 17, 23), generator=generator).to(dtype)
+    scores[0, 4, 5, 6] = float("nan")
+    scores[1, :, 2, 3] = float("nan")
+    if channels_last:
+        scores = scores.contiguous(memory_format=torch.channels_last)
+    expected = scores.contiguous().argmax(dim=1)
+    assert torch.equal(class_predictions(scores), expected)
+    assert torch.equal(class_predictions(scores[:1].flatten(2)), expected[:1].flatten(1))
+    assert expected[0, 5, 6] == 4 and expected[1, 2, 3] == 0

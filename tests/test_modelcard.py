@@ -115,6 +115,28 @@ def test_recipe_rows_come_from_the_recipe(tmp_path):
     assert rows["backbone weights"] == "none: trained from scratch"
 
 
+def test_a_streamed_unlabelled_pool_is_named_without_a_count(tmp_path):
+    run = save_tiny_run(
+        tmp_path / "run",
+        data_overrides={
+            "unlabeled_dataset_name": "my-org/street-scenes",
+            "unlabeled_streaming": True,
+            "unlabeled_shuffle_buffer_size": 1000,
+        },
+    )
+    recipe = json.loads((run / "cps_recipe.json").read_text())
+    recipe["num_unlabeled"] = None  # the pool's size is not recorded by the dataset
+    (run / "cps_recipe.json").write_text(json.dumps(recipe))
+    text = render_model_card(run).text
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (.+) \|$", text, flags=re.MULTILINE))
+    assert rows["images"] == "4 labelled / a stream of unlabelled"
+    assert rows["unlabelled data"].endswith("split `train`, streamed (shuffled in blocks of 1000 rows)")
+    assert (
+        "a streamed pool of unlabelled images (my-org/street-scenes)" in text
+        and "None unlabelled" not in text
+    )
+
+
 def test_pretrained_backbone_and_hub_dataset_metadata(tmp_path):
     run = save_tiny_run(
         tmp_path / "run",

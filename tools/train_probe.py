@@ -3,8 +3,9 @@
 Only the tests and `tools/fault_injection.py` set these variables; the library never reads them.
 
 - `CPS_PROBE_RECORD_DIR`: at exit, write `rank-<RANK>.json` there with every file-system write the process made
-  (`writes`: `[event, path]`, from Python's audit hooks: opening a file for writing, mkdir, rename, remove) and every
-  training item it loaded (`items`: `[epoch, index]`).
+  (`writes`: `[event, path]`, from Python's audit hooks: opening a file for writing, mkdir, rename, remove), every
+  training item it loaded (`items`: `[epoch, index]`) and every row of a streamed unlabelled pool it used
+  (`stream_rows`: `[pass, id]`, when the stream is read in the training process).
 - `CPS_PROBE_KILL_AT_STEP=N`: the process SIGKILLs itself at optimizer step N: when the step starts
   (`CPS_PROBE_KILL_DURING=step`, the default) or while saving checkpoint N, after its weights and before its
   optimizer state are written (`CPS_PROBE_KILL_DURING=save`).
@@ -46,10 +47,11 @@ def _is_write(event: str, args: tuple) -> str | None:
 
 
 def install_recorder(record_dir: Path) -> None:
-    from cps_hf.data import SemiSupervisedSegmentationDataset
+    from cps_hf.data import SemiSupervisedSegmentationDataset, UnlabeledImageStream
 
     writes: list[tuple[str, str]] = []
     items: list[tuple[int, int]] = []
+    stream_rows: list[tuple[int, str]] = []
 
     def audit(event: str, args: tuple) -> None:
         path = _is_write(event, args)
@@ -62,12 +64,20 @@ def install_recorder(record_dir: Path) -> None:
         items.append((self.epoch, int(index)))
         return original_getitem(self, index)
 
+    original_rows = UnlabeledImageStream.rows
+
+    def recording_rows(self, start=None):
+        for row, position in original_rows(self, start):
+            stream_rows.append((position.epoch, row.get(self.id_column)))
+            yield row, position
+
     def dump() -> None:
         record_dir.mkdir(parents=True, exist_ok=True)
         path = record_dir / f"rank-{os.environ.get('RANK', '0')}.json"
-        path.write_text(json.dumps({"writes": writes, "items": items}))
+        path.write_text(json.dumps({"writes": writes, "items": items, "stream_rows": stream_rows}))
 
     SemiSupervisedSegmentationDataset.__getitem__ = recording_getitem
+    UnlabeledImageStream.rows = recording_rows
     sys.addaudithook(audit)
     atexit.register(dump)
 

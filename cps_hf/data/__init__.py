@@ -13,6 +13,9 @@ The pieces, in the order a training run uses them ([`build_training_data`] assem
    [`SegmentationTransform`] of `transforms`; [`SupervisedSegmentationDataset`] serves an evaluation split (or a
    supervised-only training set).
 4. `collation`: [`collate_semi_supervised`] stacks items into a batch.
+5. `streaming` (`--unlabeled_streaming`): [`UnlabeledImageStream`] streams a separate unlabelled pool of any size
+   (split across processes, endless, exactly resumable); the trainer joins its batches ([`UnlabeledBatches`]) to
+   the labelled ones.
 
 `converters` turns CamVid, PASCAL VOC, Cityscapes and plain image/mask folders into such datasets
 (`scripts/prepare_dataset.py`).
@@ -55,7 +58,21 @@ from .splits import (
     split_line_id,
     write_labeled_partitions,
 )
-from .training_data import DataArguments, TrainingData, build_training_data, resolve_class_names, split_record
+from .streaming import (
+    StreamPosition,
+    UnlabeledBatches,
+    UnlabeledImageStream,
+    read_stream_position,
+    write_stream_position,
+)
+from .training_data import (
+    DataArguments,
+    TrainingData,
+    build_training_data,
+    build_unlabeled_stream,
+    resolve_class_names,
+    split_record,
+)
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, PAPER_SCALES, SegmentationTransform, size_pair
 
 __all__ = [
@@ -70,10 +87,14 @@ __all__ = [
     "SegmentationTransform",
     "SemiSupervisedSegmentationDataset",
     "SplitName",
+    "StreamPosition",
     "SupervisedSegmentationDataset",
     "TrainingData",
     "UndecodableSampleError",
+    "UnlabeledBatches",
+    "UnlabeledImageStream",
     "build_training_data",
+    "build_unlabeled_stream",
     "check_columns",
     "check_mask_values",
     "collate_semi_supervised",
@@ -90,6 +111,7 @@ __all__ = [
     "parse_fraction",
     "read_id2label",
     "read_split_ids",
+    "read_stream_position",
     "resolve_class_names",
     "select_indices_from_ids_file",
     "select_labeled_indices",
@@ -100,4 +122,5 @@ __all__ = [
     "split_record",
     "write_id2label",
     "write_labeled_partitions",
+    "write_stream_position",
 ]

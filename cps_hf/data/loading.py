@@ -20,9 +20,9 @@ def _parquet_split_name(file_path: Path) -> str:
 
 
 def load_segmentation_dataset(
-    dataset_name: str | None, cache_dir: str | None = None, **kwargs: Any
-) -> datasets.DatasetDict:
-    """Loads a segmentation dataset as a `datasets.DatasetDict`.
+    dataset_name: str | None, cache_dir: str | None = None, streaming: bool = False, **kwargs: Any
+) -> datasets.DatasetDict | datasets.IterableDatasetDict:
+    """Loads a segmentation dataset as a `datasets.DatasetDict` (or, streaming, a `datasets.IterableDatasetDict`).
 
     `dataset_name` may be:
 
@@ -48,11 +48,16 @@ def load_segmentation_dataset(
             What to load, see above.
         cache_dir (`str`, *optional*):
             Cache folder for `datasets.load_dataset` (or the synthetic dataset's cache root).
+        streaming (`bool`, *optional*, defaults to `False`):
+            Return `datasets.IterableDataset` splits that read the rows as they are iterated: parquet files, image
+            folders and Hub datasets are streamed by `datasets.load_dataset(..., streaming=True)`; `save_to_disk`
+            folders and the synthetic dataset are read with `Dataset.to_iterable_dataset`, one shard per Arrow
+            file.
         kwargs:
             Passed to `datasets.load_dataset` (e.g. `revision`, `name`) or to the synthetic generator.
 
     Returns:
-        `datasets.DatasetDict`: the splits of the dataset.
+        `datasets.DatasetDict` or `datasets.IterableDatasetDict`: the splits of the dataset.
 
     Raises:
         ConnectionError: if a Hub id cannot be loaded because the Hub is unreachable or offline mode is on.
@@ -62,7 +67,8 @@ def load_segmentation_dataset(
     if dataset_name is None or dataset_name == "synthetic":
         from .synthetic import make_synthetic_segmentation_dataset
 
-        return make_synthetic_segmentation_dataset(cache_dir=cache_dir, **kwargs)
+        loaded = make_synthetic_segmentation_dataset(cache_dir=cache_dir, **kwargs)
+        return _as_iterable(loaded) if streaming else loaded
 
     local_path = Path(dataset_name).expanduser()
     if local_path.is_dir():
@@ -70,7 +76,7 @@ def load_segmentation_dataset(
             loaded = datasets.load_from_disk(str(local_path), **kwargs)
             if isinstance(loaded, datasets.Dataset):
                 loaded = datasets.DatasetDict({"train": loaded})
-            return loaded
+            return _as_iterable(loaded) if streaming else loaded
         parquet_files = sorted(local_path.rglob("*.parquet"))
         if parquet_files:
             data_files: dict[str, list[str]] = defaultdict(list)
@@ -78,14 +84,20 @@ def load_segmentation_dataset(
                 data_files[_parquet_split_name(file_path)].append(str(file_path))
             logger.info(f"Loading parquet files from {local_path} as splits {sorted(data_files)}.")
             loaded = datasets.load_dataset(
-                "parquet", data_files=dict(data_files), cache_dir=cache_dir, **kwargs
+                "parquet", data_files=dict(data_files), cache_dir=cache_dir, streaming=streaming, **kwargs
             )
             attach_class_names_file(loaded, local_path / CLASS_NAMES_FILE)
             return loaded
-        return datasets.load_dataset("imagefolder", data_dir=str(local_path), cache_dir=cache_dir, **kwargs)
+        return datasets.load_dataset(
+            "imagefolder", data_dir=str(local_path), cache_dir=cache_dir, streaming=streaming, **kwargs
+        )
     if local_path.is_file() and local_path.suffix == ".parquet":
         loaded = datasets.load_dataset(
-            "parquet", data_files={"train": str(local_path)}, cache_dir=cache_dir, **kwargs
+            "parquet",
+            data_files={"train": str(local_path)},
+            cache_dir=cache_dir,
+            streaming=streaming,
+            **kwargs,
         )
         attach_class_names_file(loaded, local_path.parent / CLASS_NAMES_FILE)
         return loaded
@@ -96,20 +108,31 @@ def load_segmentation_dataset(
         )
 
     try:
-        loaded = datasets.load_dataset(dataset_name, cache_dir=cache_dir, **kwargs)
+        loaded = datasets.load_dataset(dataset_name, cache_dir=cache_dir, streaming=streaming, **kwargs)
     except ConnectionError as error:
         raise ConnectionError(
             f"Could not load dataset {dataset_name!r}: the Hugging Face Hub could not be reached ({error}). "
             "Check your connection and HF_HUB_OFFLINE, or pass a local path instead: a `save_to_disk` folder, a "
             "folder of parquet files or an imagefolder (or 'synthetic' for the built-in dataset)."
         ) from error
-    if not isinstance(loaded, datasets.DatasetDict):
+    expected = datasets.IterableDatasetDict if streaming else datasets.DatasetDict
+    if not isinstance(loaded, expected):
         raise TypeError(
-            f"Expected a DatasetDict for {dataset_name!r}, got {type(loaded).__name__}; do not pass `split` or "
-            "`streaming=True`."
+            f"Expected a {expected.__name__} for {dataset_name!r}, got {type(loaded).__name__}; do not pass "
+            "`split` (or pass `streaming` as this function's argument)."
         )
     attach_class_names_file(loaded, _download_hub_class_names_file(dataset_name, kwargs.get("revision")))
     return loaded
+
+
+def _as_iterable(dataset_dict: datasets.DatasetDict) -> datasets.IterableDatasetDict:
+    """Every split as an `IterableDataset` with one shard per Arrow file (shards are what processes split)."""
+    return datasets.IterableDatasetDict(
+        {
+            name: split.to_iterable_dataset(num_shards=max(1, len(split.cache_files)))
+            for name, split in dataset_dict.items()
+        }
+    )
 
 
 def _download_hub_class_names_file(repo_id: str, revision: str | None) -> Path | None:

@@ -13,6 +13,7 @@ from .class_names import dataset_class_names
 from .loading import check_columns, get_split, load_segmentation_dataset
 from .segmentation_dataset import SemiSupervisedSegmentationDataset, SplitName, SupervisedSegmentationDataset
 from .splits import file_sha256, select_indices_from_ids_file, select_labeled_indices, split_fingerprint
+from .streaming import UnlabeledImageStream
 from .synthetic import SYNTHETIC_CLASS_NAMES, SYNTHETIC_DATASET_NAME
 from .transforms import PAPER_SCALES, SegmentationTransform, size_pair
 
@@ -36,9 +37,29 @@ class DataArguments:
     )
     unlabeled_dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Separate image-only dataset for the unlabelled set (default: rest of train)."},
+        metadata={
+            "help": "Separate image-only dataset for the unlabelled set (default: rest of train): a local folder "
+            "or a Hub id. The labelled rows still come from --dataset_name's train split."
+        },
     )
     unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset_name."})
+    unlabeled_image_column: str | None = field(
+        default=None, metadata={"help": "Image column of --unlabeled_dataset_name (default: --image_column)."}
+    )
+    unlabeled_streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Stream --unlabeled_dataset_name (a datasets IterableDataset: any size, read as training goes, "
+            "split across processes, exact resume) instead of loading it."
+        },
+    )
+    unlabeled_shuffle_buffer_size: int = field(
+        default=1000,
+        metadata={
+            "help": "Streaming: rows shuffled together, held in memory as encoded images in each process "
+            "(1: the order in which they are read)."
+        },
+    )
     labeled_ids_file: str | None = field(
         default=None,
         metadata={
@@ -94,6 +115,20 @@ class DataArguments:
         self.crop_size = list(size_pair(self.crop_size, "crop_size"))
         if self.eval_split is not None and self.eval_split.lower() in ("", "none", "null"):
             self.eval_split = None
+        if self.unlabeled_streaming:
+            if self.unlabeled_dataset_name is None:
+                raise ValueError(
+                    "--unlabeled_streaming streams --unlabeled_dataset_name: name the unlabelled pool."
+                )
+            if self.unlabeled_ids_file is not None:
+                raise ValueError(
+                    "--unlabeled_ids_file selects rows of a dataset that is loaded, not streamed: drop it, or "
+                    "--unlabeled_streaming."
+                )
+        if self.unlabeled_shuffle_buffer_size < 1:
+            raise ValueError(
+                f"--unlabeled_shuffle_buffer_size must be >= 1, got {self.unlabeled_shuffle_buffer_size}."
+            )
         chosen = [self.labeled_ids_file, self.labeled_fraction, self.labeled_count]
         if sum(option is not None for option in chosen) != 1:
             raise ValueError(
@@ -107,14 +142,18 @@ class TrainingData:
     """What [`build_training_data`] assembles for one run."""
 
     train_dataset: SemiSupervisedSegmentationDataset | SupervisedSegmentationDataset
+    """With a streamed unlabelled pool, the labelled rows alone ([`SupervisedSegmentationDataset`])."""
     eval_dataset: SupervisedSegmentationDataset | None
     class_names: list[str]
     num_labeled: int
-    num_unlabeled: int
+    num_unlabeled: int | None
+    """`None` for a stream whose size the dataset does not record."""
     split_fingerprint: str
     split: dict[str, Any]
     """The labelled/unlabelled split as [`split_record`] describes it."""
     skipped_samples: list[str] = field(default_factory=list)
+    unlabeled_stream: UnlabeledImageStream | None = None
+    """The streamed unlabelled pool (`--unlabeled_streaming`), for [`~cps_hf.trainer.CPSTrainer`]."""
 
 
 def build_training_data(
@@ -125,8 +164,17 @@ def build_training_data(
     supervised_only: bool = False,
     mean: Sequence[float],
     std: Sequence[float],
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> TrainingData:
     """Loads the dataset, chooses the labelled (and unlabelled) rows and builds the training and evaluation datasets.
+
+    The labelled rows are always chosen from `--dataset_name`'s train split (`--labeled_ids_file`,
+    `--labeled_fraction` or `--labeled_count`). The unlabelled set is the rest of that split, or, with
+    `--unlabeled_dataset_name`, that dataset alone (then the train rows that are not labelled are not used:
+    `--labeled_fraction 1.0` labels the whole split). With `--unlabeled_streaming` the pool is streamed: the training
+    dataset holds the labelled rows and the trainer pairs each labelled batch with a batch of the
+    [`UnlabeledImageStream`].
 
     Args:
         data_args ([`DataArguments`]):
@@ -141,6 +189,10 @@ def build_training_data(
             Normalisation mean (the backbone's pretraining statistics).
         std (`Sequence[float]`):
             Normalisation standard deviation.
+        process_index (`int`, *optional*, defaults to 0):
+            This process's rank (which part of a streamed pool it reads).
+        num_processes (`int`, *optional*, defaults to 1):
+            Number of training processes.
 
     Returns:
         [`TrainingData`]: the datasets, the class names and the record of the split.
@@ -180,7 +232,17 @@ def build_training_data(
         skip_undecodable=data_args.skip_undecodable_samples,
     )
     train_split_name = SplitName(data_args.train_split, dataset_name)
-    if supervised_only:
+    unlabeled_stream = None
+    if data_args.unlabeled_streaming and not supervised_only:
+        unlabeled_stream = build_unlabeled_stream(
+            data_args,
+            transform=train_transform,
+            seed=seed,
+            cutmix=cutmix,
+            process_index=process_index,
+            num_processes=num_processes,
+        )
+    if supervised_only or unlabeled_stream is not None:
         train_dataset = SupervisedSegmentationDataset(
             train_split,
             labeled_indices,
@@ -191,6 +253,8 @@ def build_training_data(
             **columns,
         )
         num_labeled, num_unlabeled = len(train_dataset), 0
+        if unlabeled_stream is not None:
+            num_unlabeled = _recorded_num_rows(unlabeled_stream.dataset, data_args.unlabeled_split)
     else:
         unlabeled_dataset, unlabeled_split_name = None, None
         if data_args.unlabeled_dataset_name is not None:
@@ -218,6 +282,7 @@ def build_training_data(
             seed=seed,
             split_name=train_split_name,
             unlabeled_split_name=unlabeled_split_name,
+            unlabeled_image_column=data_args.unlabeled_image_column,
             **columns,
         )
         num_labeled, num_unlabeled = train_dataset.num_labeled, train_dataset.num_unlabeled
@@ -246,7 +311,45 @@ def build_training_data(
         split=split_record(data_args, len(train_split), labeled_indices, num_unlabeled),
         skipped_samples=train_dataset.skipped_samples
         + (eval_dataset.skipped_samples if eval_dataset is not None else []),
+        unlabeled_stream=unlabeled_stream,
     )
+
+
+def build_unlabeled_stream(
+    data_args: DataArguments,
+    *,
+    transform: SegmentationTransform,
+    seed: int,
+    cutmix: bool,
+    process_index: int = 0,
+    num_processes: int = 1,
+) -> UnlabeledImageStream:
+    """The [`UnlabeledImageStream`] of `--unlabeled_dataset_name` (split `--unlabeled_split`) for one process."""
+    name = data_args.unlabeled_dataset_name
+    pool = get_split(
+        load_segmentation_dataset(name, cache_dir=data_args.cache_dir, streaming=True),
+        data_args.unlabeled_split,
+        name,
+    )
+    return UnlabeledImageStream(
+        pool,
+        transform=transform,
+        image_column=data_args.unlabeled_image_column or data_args.image_column,
+        id_column=data_args.id_column,
+        cutmix=cutmix,
+        shuffle_buffer_size=data_args.unlabeled_shuffle_buffer_size,
+        seed=seed,
+        process_index=process_index,
+        num_processes=num_processes,
+        split_name=SplitName(data_args.unlabeled_split, name),
+        skip_undecodable=data_args.skip_undecodable_samples,
+    )
+
+
+def _recorded_num_rows(dataset: datasets.IterableDataset, split: str) -> int | None:
+    """The number of rows the dataset's metadata records for `split` (Hub datasets often do), else `None`."""
+    recorded = dataset.info.splits.get(split) if dataset.info.splits else None
+    return recorded.num_examples if recorded is not None and recorded.num_examples else None
 
 
 def resolve_class_names(data_args: DataArguments, train_dataset: datasets.Dataset) -> list[str]:
@@ -303,7 +406,7 @@ def _select_unlabeled_rows(
 
 
 def split_record(
-    data_args: DataArguments, num_train_rows: int, labeled_indices: list[int], num_unlabeled: int
+    data_args: DataArguments, num_train_rows: int, labeled_indices: list[int], num_unlabeled: int | None
 ) -> dict[str, Any]:
     """What identifies the labelled/unlabelled split of a run (the `split` entry of `cps_recipe.json`): the split
     files and their SHA-256, or the seed and fraction/count of a random draw, the counts and the fingerprint of
