@@ -54,10 +54,19 @@ MEMORY_KINDS = {
     "Other": "inputs",
 }
 
+# MemTracker's key of the sum over kinds in its snapshots.
+TOTAL = "Total"
+
 NOT_INCLUDED = (
     "the CUDA context (a few hundred MiB per process), cuDNN/cuBLAS workspaces allocated inside kernels, and memory "
     "the caching allocator holds without a live tensor in it (torch.cuda.memory_reserved minus "
     "torch.cuda.memory_allocated)"
+)
+
+
+ONE_IMAGE_NOTE = (
+    "One image per device: training needs Sync-BN, i.e. several GPUs (train-mode BatchNorm refuses the single value "
+    "per channel of the ASPP's image pooling); the estimate is the per-device memory of such a run."
 )
 
 
@@ -177,7 +186,7 @@ def estimate_training_memory(
     with prepare_training_step(
         model_args, data_args, training_args, class_names=class_names, fake=fake
     ) as step:
-        tracker = MemTracker()
+        tracker = PeakMemoryTracker()
         tracker.track_external(step.model, step.optimizer, step.batches)
         with tracker:
             step.run()
@@ -185,10 +194,22 @@ def estimate_training_memory(
         peak = {getattr(kind, "value", kind): size for kind, size in peak.items()}
         settings = _settings(step, data_args, training_args, len(class_names), fake)
     return MemoryEstimate(
-        peak_bytes=peak["Total"],
+        peak_bytes=peak[TOTAL],
         breakdown={name: peak.get(kind, 0) for kind, name in MEMORY_KINDS.items()},
         settings=settings,
     )
+
+
+class PeakMemoryTracker(MemTracker):
+    """`MemTracker` that keeps the device-wide peak only. MemTracker also records each module's own peak, walking
+    every module it has seen after every operation (most of an estimate's time for ResNet-50), for numbers the
+    estimate does not report."""
+
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        for device, snapshot in self._curr_mem_snap.items():
+            if self._peak_mem.get(device, 0) < snapshot[TOTAL]:
+                self._peak_mem[device] = snapshot[TOTAL]
+                self._peak_mem_snap[device] = dict(snapshot)
 
 
 @dataclass
@@ -270,7 +291,12 @@ def prepare_training_step(
                 training_batch(data_args, step_args, class_names)
                 for _ in range(step_args.gradient_accumulation_steps)
             ]
-            yield TrainingStep(trainer=trainer, model=model, optimizer=optimizer, batches=batches)
+            with (
+                _single_value_batch_norm_on_running_statistics(model)
+                if step_args.per_device_train_batch_size == 1
+                else contextlib.nullcontext()
+            ):
+                yield TrainingStep(trainer=trainer, model=model, optimizer=optimizer, batches=batches)
 
 
 def training_batch(
@@ -303,6 +329,39 @@ def format_memory_estimate(estimate: MemoryEstimate) -> str:
     lines += [f"  {name:<16} {size / 2**30:8.2f} GiB" for name, size in estimate.breakdown.items()]
     lines.append(f"Live tensors only; not included: {NOT_INCLUDED}.")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _single_value_batch_norm_on_running_statistics(model: nn.Module) -> Iterator[None]:
+    """Runs, for the duration, every BatchNorm call that gets one value per channel on running statistics.
+
+    With one image per device, the ASPP's image-pooling BatchNorm sees `(1, channels, 1, 1)`, which train-mode
+    BatchNorm refuses: such a run trains only on several GPUs, where `CPSTrainer` uses Sync-BN (statistics over
+    every process's images). The tensors of that one layer are a few KiB either way; every other layer keeps its
+    training behaviour.
+    """
+    logger.warning(ONE_IMAGE_NOTE)
+
+    switched: set[int] = set()
+
+    def before(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        if module.training and inputs[0].numel() == inputs[0].shape[1]:
+            module.training = False
+            switched.add(id(module))
+
+    def after(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        if id(module) in switched:
+            module.training = True
+            switched.discard(id(module))
+
+    norms = [module for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
+    handles = [norm.register_forward_pre_hook(before) for norm in norms]
+    handles += [norm.register_forward_hook(after) for norm in norms]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _single_step_arguments(training_args: CPSTrainingArguments, output_dir: str) -> CPSTrainingArguments:
@@ -438,6 +497,7 @@ def _settings(
         f"{step.trainer.args.device.type} tensors ({step.trainer.args.device.type} autocast rules)",
         "torch": torch.__version__,
         "not_included": NOT_INCLUDED,
+        "notes": [ONE_IMAGE_NOTE] if training_args.per_device_train_batch_size == 1 else [],
     }
 
 
@@ -445,6 +505,7 @@ __all__ = [
     "MEMORY_KINDS",
     "NOT_INCLUDED",
     "MemoryEstimate",
+    "PeakMemoryTracker",
     "TrainingStep",
     "estimate_training_memory",
     "estimation_class_names",

@@ -68,6 +68,17 @@ def test_estimate_follows_batch_precision_and_accumulation():
     assert accumulated.settings["gradient_accumulation_steps"] == 2
 
 
+def test_one_image_per_device_is_estimated_as_under_sync_batch_norm():
+    # Train-mode BatchNorm refuses the (1, channels, 1, 1) of the ASPP's image pooling; several GPUs with Sync-BN
+    # train such a batch, and the estimate is their per-device memory.
+    one_image, two_images = estimate("--per_device_train_batch_size", "1"), estimate()
+    assert one_image.settings["notes"] and not two_images.settings["notes"]
+    assert one_image.breakdown["inputs"] * 2 == two_images.breakdown["inputs"]
+    assert one_image.peak_bytes == pytest.approx(
+        estimate("--per_device_train_batch_size", "1", fake=False).peak_bytes
+    )
+
+
 @CHECKPOINTING
 def test_gradient_checkpointing_lowers_the_estimate():
     plain = estimate("--cutmix", "true", "--crop_size", "64")
@@ -113,8 +124,8 @@ def test_script_writes_the_json(tmp_path):
     assert f"{written['peak_bytes']:,} B" in result.stdout
 
 
-@pytest.mark.slow
 def test_script_runs_on_a_paper_config(tmp_path):
+    # About 10 s on an idle 2-core machine: ResNet-50 on fake tensors.
     output = tmp_path / "memory.json"
     run_script(
         "estimate_memory",

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from accelerate.utils import convert_to_fp32
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker
 
@@ -133,8 +134,8 @@ def autocast_rules(device_type: str, dtype: torch.dtype) -> Iterator[None]:
 
 
 def bf16_forward_peak(argv: list[str], device_type: str) -> dict[str, int]:
-    """Peak and end-of-forward bytes of one bf16 training forward of the model (every branch, labelled batch) on
-    fake tensors of `device_type`. Fake CUDA tensors run forward passes on a machine without a GPU, not backward
+    """Peak and end-of-forward bytes of one bf16 training forward of the model (every branch, labelled batch, outputs
+    upcast to fp32 as accelerate does) on fake tensors of `device_type`. Fake CUDA tensors run forward passes on a machine without a GPU, not backward
     passes (the autograd engine asks the CUDA driver for a context), so this compares the two devices' autocast
     rules on the forward only."""
     model_args, data_args, training_args, _ = parse_estimation_arguments(argv)
@@ -146,12 +147,14 @@ def bf16_forward_peak(argv: list[str], device_type: str) -> dict[str, int]:
         tracker = MemTracker()
         tracker.track_external(model, pixel_values)
         with tracker:
+            # As accelerate wraps the forward for bf16: autocast inside, outputs upcast to fp32 outside.
             with autocast_rules(device_type, torch.bfloat16):
-                logits = model(pixel_values, output_branch_logits=True).branch_logits
+                outputs = model(pixel_values, output_branch_logits=True)
+            logits = convert_to_fp32(outputs.branch_logits)
             (after_forward,) = [
                 snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("current").values()
             ]
-            del logits
+            del outputs, logits
         (peak,) = [snapshot["Total"] for snapshot in tracker.get_tracker_snapshot("peak").values()]
     return {"peak_bytes": peak, "after_forward_bytes": after_forward}
 
