@@ -142,12 +142,16 @@ def reference_cutmix_step(
 
 
 def prepare_model_for_fast_step(
-    model: CPSForSemanticSegmentation, *, channels_last: bool = True, compile: bool = False
+    model: CPSForSemanticSegmentation,
+    *,
+    channels_last: bool = True,
+    compile: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> CPSForSemanticSegmentation:
     """
     One-off preparation for [`fast_cutmix_step`], before the optimizer is built: channels-last parameters (the
-    layout fast convolution kernels use, so no per-call transposes) and, optionally, `torch.compile` of every
-    branch in place (module and parameter identities and state-dict keys unchanged).
+    layout fast convolution kernels use, so no per-call transposes), optionally `torch.compile` of every branch in
+    place (module and parameter identities and state-dict keys unchanged) and gradient checkpointing.
 
     Args:
         model (`CPSForSemanticSegmentation`):
@@ -157,12 +161,16 @@ def prepare_model_for_fast_step(
         compile (`bool`, *optional*, defaults to `False`):
             Compile each branch with `torch.compile` (the first steps then include compilation time; merged teacher
             batches have another batch size and compile a second graph).
+        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+            `model.gradient_checkpointing_enable()`, as training's `--gradient_checkpointing true`.
 
     Returns:
         `CPSForSemanticSegmentation`: the same model.
     """
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
     if compile:
         for branch in model.branches:
             branch.compile()
@@ -528,6 +536,10 @@ class BenchmarkArguments:
         metadata={"help": "Fast step: dilated convolutions skip taps that only read zero padding (exact)."},
     )
     compile: bool = field(default=False, metadata={"help": "Fast step: torch.compile each branch."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Fast step: gradient checkpointing (recompute activations in the backward pass)."},
+    )
     fused_optimizer: bool = field(
         default=True, metadata={"help": "Fast step: fused SGD kernel (same update, fewer kernel launches)."}
     )
@@ -553,6 +565,10 @@ class BenchmarkArguments:
         if self.crop_size < 1 or self.steps < 1 or self.warmup < 0:
             raise ValueError(
                 f"Need crop_size >= 1, steps >= 1, warmup >= 0; got {self.crop_size}, {self.steps}, {self.warmup}."
+            )
+        if self.compile and self.gradient_checkpointing and not self.fused_forward:
+            raise ValueError(
+                "`compile` with `gradient_checkpointing` needs `fused_forward` (see CPSTrainingArguments)."
             )
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -596,7 +612,12 @@ def _build_step(
     fast = mode == "fast"
     model.to(device)
     if fast:
-        prepare_model_for_fast_step(model, channels_last=args.channels_last, compile=args.compile)
+        prepare_model_for_fast_step(
+            model,
+            channels_last=args.channels_last,
+            compile=args.compile,
+            gradient_checkpointing=args.gradient_checkpointing,
+        )
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=args.learning_rate,
@@ -714,29 +735,52 @@ class _LocalStepper:
         return _finish(self.timer, self.facts, self.outputs, timings)
 
 
+def interleave_steps(
+    runs: Mapping[str, tuple[BenchmarkArguments, str]],
+    steps: int,
+    warmup: int,
+    isolate_processes: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """
+    Times several step set-ups alternately, one step each in turn (and the order reversed every round), so that a
+    slow spell of the machine hits all alike. Each set-up runs in its own fresh process when `isolate_processes`
+    (memory figures per set-up), otherwise all in this process.
+
+    Args:
+        runs (`Mapping[str, tuple[BenchmarkArguments, str]]`): name → (arguments, step mode) of each set-up.
+        steps (`int`): timed steps per set-up.
+        warmup (`int`): untimed rounds first.
+        isolate_processes (`bool`, *optional*, defaults to `True`): one fresh process per set-up.
+
+    Returns:
+        `dict[str, dict]`: name → [`run_step_benchmark`]-style result.
+    """
+    _check_step_counts(steps, warmup)
+    stepper_class = _ProcessStepper if isolate_processes else _LocalStepper
+    steppers = {name: stepper_class(args, mode) for name, (args, mode) in runs.items()}
+    for stepper in steppers.values():
+        stepper.wait_ready()
+    timings: dict[str, list[float]] = {name: [] for name in runs}
+    for round_index in range(warmup + steps):
+        order = list(runs) if round_index % 2 == 0 else list(runs)[::-1]
+        for name in order:
+            seconds = steppers[name].step()
+            if round_index >= warmup:
+                timings[name].append(seconds)
+    return {name: steppers[name].finish(timings[name]) for name in runs}
+
+
 def run_interleaved(args: BenchmarkArguments) -> tuple[dict[str, Any], dict[str, Any]]:
     """
-    Times the reference and the fast step alternately, one step each in turn (and the order swapped every round),
-    so that a slow spell of the machine hits both alike: the ratio of the medians is measured side by side. Each
-    step runs in its own fresh process when `args.isolate_processes` (memory figures per step), otherwise both in
-    this process.
+    The reference and the fast step of `args`, timed alternately (see [`interleave_steps`]).
 
     Returns:
         `tuple[dict, dict]`: the reference's and the fast step's [`run_step_benchmark`]-style results.
     """
-    _check_step_counts(args.steps, args.warmup)
-    stepper_class = _ProcessStepper if args.isolate_processes else _LocalStepper
-    steppers = {mode: stepper_class(args, mode) for mode in STEP_MODES}
-    for stepper in steppers.values():
-        stepper.wait_ready()
-    timings: dict[str, list[float]] = {mode: [] for mode in STEP_MODES}
-    for round_index in range(args.warmup + args.steps):
-        order = STEP_MODES if round_index % 2 == 0 else STEP_MODES[::-1]
-        for mode in order:
-            seconds = steppers[mode].step()
-            if round_index >= args.warmup:
-                timings[mode].append(seconds)
-    return tuple(steppers[mode].finish(timings[mode]) for mode in STEP_MODES)
+    results = interleave_steps(
+        {mode: (args, mode) for mode in STEP_MODES}, args.steps, args.warmup, args.isolate_processes
+    )
+    return results["reference"], results["fast"]
 
 
 def describe_machine() -> dict[str, Any]:
@@ -845,7 +889,8 @@ def format_benchmark_table(report: Mapping[str, Any]) -> str:
     lines.append(
         f"speedup {report['speedup']:.2f}x | {settings['backbone']} crop {settings['crop_size']} batch "
         f"{settings['batch_size']}+{settings['batch_size']} | fused_forward={settings['fused_forward']} "
-        f"channels_last={settings['channels_last']} compile={settings['compile']} | "
+        f"channels_last={settings['channels_last']} compile={settings['compile']} "
+        f"gradient_checkpointing={settings['gradient_checkpointing']} | "
         f"{machine['device_name'] or machine['cpu_model']}, {machine['num_threads']} threads | "
         f"memory: {report['peak_memory_kind']}"
     )

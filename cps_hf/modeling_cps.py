@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import timm
@@ -11,6 +12,8 @@ from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
+from torch.utils.hooks import RemovableHandle
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput, logging
@@ -353,6 +356,10 @@ class CPSDecoder(nn.Module):
 class CPSDeepLabV3PlusBranch(nn.Module):
     """One segmentation network of the CPS pair: timm backbone → ASPP → DeepLabv3+ decoder → classifier."""
 
+    # Set by `CPSForSemanticSegmentation.gradient_checkpointing_enable()`: the head then runs through
+    # `self._gradient_checkpointing_func` in training.
+    gradient_checkpointing = False
+
     def __init__(self, config: CPSConfig):
         super().__init__()
         self.backbone = create_timm_backbone(config)
@@ -392,11 +399,17 @@ class CPSDeepLabV3PlusBranch(nn.Module):
             pad_bottom, pad_right = (-height) % self.input_multiple, (-width) % self.input_multiple
             pixel_values = F.pad(pixel_values, (0, pad_right, 0, pad_bottom))
         features = self.backbone(pixel_values)
-        aspp_features = self.aspp(self.high_level_features(features))
-        decoded = self.decoder(aspp_features, features[self.low_level_index])
-        logits = self.classifier(decoded)  # (batch, num_labels, H/4, W/4)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            logits = self._gradient_checkpointing_func(self.head, *features)
+        else:
+            logits = self.head(*features)
         logits = F.interpolate(logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=True)
         return logits[..., :height, :width]
+
+    def head(self, *features: torch.Tensor) -> torch.Tensor:
+        """ASPP → decoder → classifier on the backbone's feature maps: logits `(batch, num_labels, H/4, W/4)`."""
+        aspp_features = self.aspp(self.high_level_features(features))
+        return self.classifier(self.decoder(aspp_features, features[self.low_level_index]))
 
 
 class CPSPreTrainedModel(PreTrainedModel):
@@ -405,6 +418,7 @@ class CPSPreTrainedModel(PreTrainedModel):
     base_model_prefix = "cps"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True
     # The loss is a plain mean; the Trainer must scale it for gradient accumulation itself.
     accepts_loss_kwargs = False
 
@@ -441,6 +455,11 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
 
     Use [`~CPSForSemanticSegmentation.from_timm_pretrained`] to start from ImageNet backbone weights.
 
+    `gradient_checkpointing_enable()` (the Trainer's `--gradient_checkpointing true`) makes training recompute each
+    branch's backbone stages (timm's `set_grad_checkpointing`) and head in the backward pass instead of storing their
+    activations: same losses and gradients, less memory, and BatchNorm still updates its running statistics once
+    per forward call.
+
     Example:
 
     ```python
@@ -465,11 +484,38 @@ class CPSForSemanticSegmentation(CPSPreTrainedModel):
                 "own random backbone draw (set it to True for one shared draw)."
             )
         self.branches = nn.ModuleList([CPSDeepLabV3PlusBranch(config) for _ in range(config.num_branches)])
+        self._recomputation_hooks: list[RemovableHandle] = []
         if config.share_backbone_initialization:
             self._share_backbone_initialisation()
         for branch in self.branches:
             mark_initialized(branch.backbone)
         self.post_init()
+
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Callable = checkpoint, every_n_layers: int = 1
+    ) -> None:
+        # Reached through `gradient_checkpointing_enable()` / `_disable()` and the Trainer's `--gradient_checkpointing`:
+        # each branch's head goes through `gradient_checkpointing_func` (the flag set by the parent class), its
+        # backbone stages through timm's own checkpointing.
+        if every_n_layers != 1:
+            raise ValueError(
+                f"`every_n_layers` selects transformer layers; CPS checkpoints every backbone stage and head. "
+                f"Leave it at 1, got {every_n_layers}."
+            )
+        super()._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=gradient_checkpointing_func
+        )
+        for handle in self._recomputation_hooks:
+            handle.remove()
+        self._recomputation_hooks = skip_statistics_updates_in_recomputation(self) if enable else []
+        backbones_checkpointed = [
+            set_backbone_checkpointing(branch.backbone, enable) for branch in self.branches
+        ]
+        if enable and not all(backbones_checkpointed):
+            logger.warning(
+                f"timm backbone {self.config.backbone!r} has no gradient checkpointing: only the head (ASPP, "
+                "decoder, classifier) of each branch is checkpointed."
+            )
 
     def _share_backbone_initialisation(self) -> None:
         reference_state = self.branches[0].backbone.state_dict()
@@ -557,6 +603,50 @@ def ensemble_logits(branch_logits: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """The ensemble's logits: the log of the branches' mean softmax probabilities (float32)."""
     probabilities = torch.stack([logits.float().softmax(dim=1) for logits in branch_logits]).mean(dim=0)
     return probabilities.clamp_min(torch.finfo(probabilities.dtype).tiny).log()
+
+
+def set_backbone_checkpointing(backbone: nn.Module, enable: bool) -> bool:
+    """Turns timm's activation checkpointing of the backbone's stages on or off; `False` if the backbone has none."""
+    if not hasattr(backbone, "set_grad_checkpointing"):
+        return False
+    try:
+        backbone.set_grad_checkpointing(enable)
+    except AssertionError:  # timm's answer for models without it (HRNet, Inception, VGG, ...)
+        return False
+    return True
+
+
+def _save_statistics_in_recomputation(norm: nn.Module, args: tuple) -> None:
+    # A forward run inside a backward pass is a checkpoint recomputation; torch has no public flag for it
+    # (pytorch/pytorch#96136). Compiled graphs recompute inside autograd and never re-run the update.
+    if norm.training and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+        norm._statistics_before_recomputation = [buffer.clone() for buffer in norm.buffers(recurse=False)]
+
+
+def _restore_statistics_after_recomputation(
+    norm: nn.Module, args: tuple, output: torch.Tensor | None
+) -> None:
+    saved = getattr(norm, "_statistics_before_recomputation", None)
+    if saved is not None:
+        del norm._statistics_before_recomputation
+        with torch.no_grad():
+            for buffer, value in zip(norm.buffers(recurse=False), saved):
+                buffer.copy_(value)
+
+
+def skip_statistics_updates_in_recomputation(module: nn.Module) -> list[RemovableHandle]:
+    """Hooks every BatchNorm layer below `module` so that activation-checkpoint recomputation leaves its running
+    statistics and batch count as the forward pass left them (one update per forward, as without checkpointing).
+    Returns the hook handles."""
+    handles = []
+    for norm in module.modules():
+        if isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            handles.append(norm.register_forward_pre_hook(_save_statistics_in_recomputation))
+            # `always_call`: recomputation stops early by raising once it has what the backward pass needs.
+            handles.append(
+                norm.register_forward_hook(_restore_statistics_after_recomputation, always_call=True)
+            )
+    return handles
 
 
 def mark_initialized(module: nn.Module) -> None:

@@ -246,7 +246,13 @@ class CPSTrainingArguments(TrainingArguments):
             use on many CPUs and on GPUs (values and checkpoints unchanged).
         torch_compile (`bool`, *optional*, defaults to `False`):
             As in [`~transformers.TrainingArguments`], but each branch is compiled in place (`nn.Module.compile`),
-            so parameter names, checkpoints and the CPS step around the branches stay as they are.
+            so parameter names, checkpoints and the CPS step around the branches stay as they are. With
+            `gradient_checkpointing` it needs `fused_forward` (one model call with gradients per step).
+        gradient_checkpointing (`bool`, *optional*, defaults to `False`):
+            As in [`~transformers.TrainingArguments`] (newer transformers: `activation_checkpointing`): every
+            branch's backbone stages and head are recomputed in the backward pass instead of keeping their
+            activations (see [`~cps_hf.CPSForSemanticSegmentation`]); same losses and gradients, less memory, a
+            slower step.
         bf16 (`bool`, *optional*, defaults to `False`):
             As in [`~transformers.TrainingArguments`]: bfloat16 autocast of the forward passes; losses and
             pseudo-labels are computed from the logits upcast to fp32.
@@ -341,6 +347,17 @@ class CPSTrainingArguments(TrainingArguments):
         if self.supervised_only and self.cutmix:
             raise ValueError("`supervised_only` and `cutmix` exclude each other.")
         super().__post_init__()
+        if (
+            self.torch_compile
+            and self.gradient_checkpointing
+            and not (self.fused_forward or self.supervised_only)
+        ):
+            # torch.compile's checkpointed graphs keep BatchNorm's running statistics for the backward pass; a second
+            # call with gradients updates them in place first ("modified by an inplace operation", torch 2.14).
+            raise ValueError(
+                "`torch_compile` with `gradient_checkpointing` needs one model call with gradients per step: set "
+                "`fused_forward=True` (or `supervised_only=True`), or drop one of the two."
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         # The Trainer pickles its arguments into every checkpoint and output folder (`training_args.bin`), which

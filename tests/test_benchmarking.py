@@ -211,6 +211,8 @@ def test_fast_step_rejects_bad_inputs(initial_model):
         fast_cutmix_step(initial_model, batch, optimizer, CPS_WEIGHT, dtype=torch.float32)
     with pytest.raises(ValueError, match="batch_size"):
         BenchmarkArguments(batch_size=1)
+    with pytest.raises(ValueError, match="fused_forward"):
+        BenchmarkArguments(compile=True, gradient_checkpointing=True)
 
 
 def test_step_flops_and_convolution_peak(initial_model):
@@ -327,6 +329,33 @@ def test_interleaved_benchmark_alternates_the_two_steps(monkeypatch):
     assert calls == ["reference", "fast", "fast", "reference", "reference", "fast"]
     assert (reference["mode"], reference["timings"]) == ("reference", [4.0, 5.0])
     assert (fast["mode"], fast["timings"]) == ("fast", [3.0, 6.0])
+
+
+def test_checkpointing_benchmark_compares_the_same_step_with_and_without_recomputation():
+    from benchmarks.checkpointing import format_checkpointing_table, run_checkpointing_benchmark
+
+    args = BenchmarkArguments(
+        backbone="test_resnet",
+        multi_grid=[0],
+        num_labels=3,
+        crop_size=32,
+        batch_size=2,
+        steps=1,
+        warmup=0,
+        device="cpu",
+        num_threads=1,
+        isolate_processes=False,
+    )
+    report = run_checkpointing_benchmark(args)
+    assert report["checkpointed"]["step_memory_bytes"] is not None and report["memory_isolated"] is False
+    assert report["same_initial_weights"] is True
+    # Same weights, same batches, same computation: only the backward pass recomputes (more FLOPs).
+    assert report["checkpointed_final_loss"] == pytest.approx(report["plain_final_loss"], rel=1e-6)
+    assert report["extra_gflop"] > 0
+    assert report["slowdown"] == pytest.approx(
+        report["checkpointed_step_seconds_median"] / report["plain_step_seconds_median"]
+    )
+    assert "peak saving" in format_checkpointing_table(report)
 
 
 def test_metric_benchmark_compares_equal_results():

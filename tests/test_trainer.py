@@ -94,6 +94,7 @@ def test_defaults_make_cps_work_out_of_the_box(tmp_path):
         ({"cps_weight": -1.0}, "cps_weight"),
         ({"cps_confidence_threshold": 1.0}, "cps_confidence_threshold"),
         ({"supervised_only": True, "cutmix": True}, "exclude each other"),
+        ({"torch_compile": True, "gradient_checkpointing": True}, "fused_forward"),
     ],
 )
 def test_bad_training_arguments(tmp_path, overrides, message):
@@ -526,6 +527,36 @@ def test_config_file_with_cli_overrides(tmp_path, synthetic_cache):
     config.write_text("backbone: test_resnet\nnot_an_argument: 1\n")
     with pytest.raises(ValueError, match="not_an_argument"):
         parse_experiment_arguments([str(config)])
+
+
+def test_gradient_checkpointing_flag_reaches_the_model_through_the_trainer(
+    tmp_path, synthetic_cache, monkeypatch
+):
+    config = tmp_path / "experiment.yaml"
+    config.write_text("labeled_fraction: 0.25\ngradient_checkpointing: true\n")
+    _, _, training_args, _ = parse_experiment_arguments([str(config), "--output_dir", str(tmp_path / "x")])
+    assert training_args.gradient_checkpointing is True
+
+    # The Trainer turns it on in `train()`; count the head calls that go through the checkpoint function it passes.
+    checkpointed_heads = []
+    set_checkpointing = CPSForSemanticSegmentation._set_gradient_checkpointing
+
+    def spy(model, enable=True, gradient_checkpointing_func=None, every_n_layers=1):
+        def counted(*args, **kwargs):
+            checkpointed_heads.append(model)
+            return gradient_checkpointing_func(*args, **kwargs)
+
+        set_checkpointing(model, enable, counted, every_n_layers)
+
+    monkeypatch.setattr(CPSForSemanticSegmentation, "_set_gradient_checkpointing", spy)
+    argv = experiment_argv(tmp_path / "run", synthetic_cache, "--cutmix", "true", "--max_steps", "2")
+    run_experiment(*parse_experiment_arguments([*argv, "--gradient_checkpointing", "true"])[:3])
+    (model,) = set(checkpointed_heads)
+    assert all(
+        branch.gradient_checkpointing and branch.backbone.grad_checkpointing for branch in model.branches
+    )
+    # Two steps, two calls with gradients per CutMix step (students, labelled), two branches per call.
+    assert len(checkpointed_heads) == 2 * 2 * 2
 
 
 def test_crop_size_is_one_size_or_a_height_width_pair(tmp_path, synthetic_cache):
