@@ -75,8 +75,9 @@ def main() -> None:
         (precision, checkpointing) for checkpointing in checkpointing_options for precision in PRECISIONS
     ]
     grid, lines = [], []
-    header = ["backbone", "crop", "batch / device"] + [
-        f"{precision}{' + checkpointing' if checkpointing else ''}" for precision, checkpointing in columns
+    header = ["backbone", "crop (configs)", "images / device"] + [
+        f"{precision}{' + checkpointing' if checkpointing else ''} (GiB)"
+        for precision, checkpointing in columns
     ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for backbone, crop in CONFIGS:
@@ -89,7 +90,14 @@ def main() -> None:
                 )
                 grid.append(row)
                 cells.append(gib(row))
-            lines.append(f"| {backbone} | {crop} | {batch_size} | " + " | ".join(cells) + " |")
+            dataset = "VOC" if crop == 512 else "Cityscapes"
+            batch = "1 (Sync-BN)" if batch_size == 1 else str(batch_size)
+            lines.append(f"| {backbone} | {crop} ({dataset}) | {batch} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Sync-BN: one image per device trains only on several GPUs, where BatchNorm is synchronised (train-mode "
+        "BatchNorm refuses the single value per channel of the ASPP's image pooling).",
+    ]
     backbone, crop, batch_size = VARIANT_SETTING
     variants = []
     lines += ["", f"Step variants, {backbone}, crop {crop}, batch {batch_size} per device, fp32:", ""]

@@ -28,8 +28,13 @@ def estimate(*flags: str, fake: bool = True):
 
 @pytest.mark.parametrize(
     "flags",
-    [("--cutmix", "true"), ("--cutmix", "true", "--bf16", "true"), ("--gradient_accumulation_steps", "2")],
-    ids=["cutmix", "cutmix-bf16", "cps-accumulation"],
+    [
+        ("--cutmix", "true"),
+        ("--cutmix", "true", "--bf16", "true"),
+        ("--gradient_accumulation_steps", "2"),
+        pytest.param(("--cutmix", "true", "--gradient_checkpointing", "true"), marks=CHECKPOINTING),
+    ],
+    ids=["cutmix", "cutmix-bf16", "cps-accumulation", "cutmix-checkpointing"],
 )
 def test_fake_estimate_equals_the_tracked_real_step(flags):
     fake = estimate(*flags)
@@ -87,11 +92,8 @@ def test_gradient_checkpointing_lowers_the_estimate():
     assert checkpointed.peak_bytes < plain.peak_bytes
 
 
-@pytest.mark.skipif(
-    CPSForSemanticSegmentation.supports_gradient_checkpointing,
-    reason="the model supports gradient checkpointing",
-)
-def test_gradient_checkpointing_without_model_support_is_refused():
+def test_gradient_checkpointing_without_model_support_is_refused(monkeypatch):
+    monkeypatch.setattr(CPSForSemanticSegmentation, "supports_gradient_checkpointing", False)
     with pytest.raises(ValueError, match="does not support gradient checkpointing"):
         estimate("--gradient_checkpointing", "true")
 

@@ -54,6 +54,15 @@ CASES = {
         "--bf16",
         "true",
     ],
+    "resnet18, 256 px, batch 2, CPS + CutMix, gradient checkpointing": [
+        *RESNET18,
+        "--crop_size",
+        "256",
+        "--cutmix",
+        "true",
+        "--gradient_checkpointing",
+        "true",
+    ],
     "resnet18, 256 px, batch 2, CPS, 2 accumulation steps": [
         *RESNET18,
         "--crop_size",
