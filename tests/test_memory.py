@@ -144,3 +144,24 @@ def test_script_runs_on_a_paper_config(tmp_path):
     # Two DeepLabv3+ ResNet-50 branches: about 81 M fp32 parameters, and more than a GiB of activations.
     assert written["breakdown"]["parameters"] == 4 * written["settings"]["num_parameters"]
     assert written["breakdown"]["activations"] > 2**30
+
+
+def test_documented_table_is_in_the_readme_and_matches_the_estimator():
+    table = (REPO_ROOT / "docs/memory/paper_configs.md").read_text()
+    assert table.split("\n\nStep variants")[0].strip() in (REPO_ROOT / "README.md").read_text()
+    grid = json.loads((REPO_ROOT / "docs/memory/paper_configs.json").read_text())["grid"]
+    documented = next(
+        row
+        for row in grid
+        if row["settings"]["backbone"] == "resnet50s"
+        and row["settings"]["crop_size"] == [512, 512]
+        and row["settings"]["per_device_train_batch_size"] == 2
+        and not row["settings"]["bf16"]
+        and not row["settings"]["gradient_checkpointing"]
+    )
+    argv = [str(REPO_ROOT / documented["argv"][0]), *documented["argv"][1:]]
+    model_args, data_args, training_args, _ = parse_estimation_arguments(argv)
+    # Another torch version may allocate a little differently; the table says which one it was made with.
+    assert estimate_training_memory(model_args, data_args, training_args).peak_bytes == pytest.approx(
+        documented["peak_bytes"], rel=0.02
+    )
