@@ -30,9 +30,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers.utils import logging
 
 from cps_hf.configuration_cps import CPSConfig
-from cps_hf.losses import cross_pseudo_supervision_loss, supervised_cross_entropy
+from cps_hf.losses import class_predictions, cross_pseudo_supervision_loss, supervised_cross_entropy
 from cps_hf.masking import generate_cutmix_masks, mix_with_mask
-from cps_hf.metrics import class_predictions
 from cps_hf.modeling_cps import CPSForSemanticSegmentation
 from cps_hf.trainer import check_cutmix_inputs, cutmix_forward, in_memory_format
 

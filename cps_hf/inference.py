@@ -27,7 +27,7 @@ from transformers.utils import logging
 
 from .data import decode_image, size_pair
 from .image_processing import backbone_normalization
-from .metrics import class_predictions
+from .losses import class_predictions
 from .modeling_cps import CPSForSemanticSegmentation
 
 logger = logging.get_logger(__name__)

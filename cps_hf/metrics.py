@@ -15,25 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .losses import class_predictions
+
 __all__ = [
     "StreamingSegmentationMetric",
     "class_iou_and_accuracy",
-    "class_predictions",
     "class_pixel_shares",
     "confusion_matrix",
     "make_compute_metrics",
     "metrics_from_confusion_matrix",
 ]
-
-
-def class_predictions(scores: Tensor) -> Tensor:
-    """The class index of the highest score per pixel: `scores.argmax(dim=1)` for `(batch, num_labels, ...)` scores.
-
-    Computed as `scores.max(dim=1).indices`, which gives the same indices (the first maximum on ties; NaN counts as
-    the maximum) and runs 3-7x faster on CPU, where argmax across the channels of an NCHW tensor takes a slow strided
-    path. Pseudo-labels are made this way at every CPS step.
-    """
-    return scores.max(dim=1).indices
 
 
 def confusion_matrix(predictions: Tensor, labels: Tensor, num_labels: int, ignore_index: int = 255) -> Tensor:

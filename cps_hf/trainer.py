@@ -30,6 +30,7 @@ from .data.streaming import (
     write_stream_position,
 )
 from .losses import (
+    class_predictions,
     cross_pseudo_supervision_loss,
     kept_pseudo_label_fraction,
     ohem_cross_entropy,
@@ -37,7 +38,7 @@ from .losses import (
     supervised_cross_entropy,
 )
 from .masking import mix_with_mask
-from .metrics import class_predictions, make_compute_metrics
+from .metrics import make_compute_metrics
 from .modeling_cps import CPSSemanticSegmenterOutput
 
 logger = logging.get_logger(__name__)

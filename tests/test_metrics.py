@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import EvalPrediction
 
+from cps_hf.losses import class_predictions
 from cps_hf.metrics import (
     StreamingSegmentationMetric,
-    class_predictions,
     confusion_matrix,
     make_compute_metrics,
     metrics_from_confusion_matrix,
