@@ -335,6 +335,7 @@ def run_experiment(
                     "fused_forward",
                     "supervised_only",
                     "supervised_loss",
+                    "class_weighting",
                     "pseudo_label_mode",
                     "learning_rate",
                     "weight_decay",
@@ -352,6 +353,7 @@ def run_experiment(
                     "ohem_min_kept",
                 )
             },
+            "class_weights": None if trainer.class_weights is None else trainer.class_weights.tolist(),
             "world_size": training_args.world_size,
         }
         (output_dir / "cps_recipe.json").write_text(json.dumps(recipe, indent=2, default=str))

@@ -6,7 +6,7 @@ synchronises with the host, so they can run every training step without stalling
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,7 @@ __all__ = [
     "class_predictions",
     "cross_pseudo_supervision_loss",
     "kept_pseudo_label_fraction",
+    "median_frequency_class_weights",
     "ohem_cross_entropy",
     "pseudo_labels_from_logits",
     "supervised_cross_entropy",
@@ -39,18 +40,39 @@ def _check_logits_and_labels(logits: Tensor, labels: Tensor) -> None:
         raise ValueError(f"`labels` must be an integer tensor, got dtype {labels.dtype}.")
 
 
-def _masked_mean_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    """Cross-entropy averaged over the pixels whose label is not `ignore_index`.
+def _check_class_weights(class_weights: Tensor | None, num_labels: int) -> None:
+    if class_weights is not None and tuple(class_weights.shape) != (num_labels,):
+        raise ValueError(
+            f"`class_weights` must hold one weight per class ({num_labels}), got shape {tuple(class_weights.shape)}."
+        )
 
-    Summing and dividing by a clamped count (instead of `reduction="mean"`) gives 0 rather than NaN when every
+
+def _masked_mean_cross_entropy(
+    logits: Tensor, labels: Tensor, ignore_index: int, class_weights: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy averaged over the pixels whose label is not `ignore_index`; with `class_weights`, the mean
+    weighted by each pixel's class weight (`F.cross_entropy`'s weighted mean).
+
+    Summing and dividing by a clamped total (instead of `reduction="mean"`) gives 0 rather than NaN when every
     pixel is ignored, without a host-side check; the zero still has a grad_fn, so `backward()` works.
     """
-    loss_sum = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction="sum")
-    num_valid = (labels != ignore_index).sum().clamp_min(1)
-    return loss_sum / num_valid
+    labels = labels.long()
+    valid = labels != ignore_index
+    if class_weights is None:
+        loss_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+        return loss_sum / valid.sum().clamp_min(1)
+    class_weights = class_weights.to(device=logits.device, dtype=logits.dtype)
+    loss_sum = F.cross_entropy(
+        logits, labels, weight=class_weights, ignore_index=ignore_index, reduction="sum"
+    )
+    pixel_weights = class_weights[torch.where(valid, labels, torch.zeros_like(labels))]
+    weight_sum = torch.where(valid, pixel_weights, torch.zeros_like(pixel_weights)).sum()
+    return loss_sum / weight_sum.clamp_min(torch.finfo(weight_sum.dtype).tiny)
 
 
-def supervised_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = 255) -> Tensor:
+def supervised_cross_entropy(
+    logits: Tensor, labels: Tensor, ignore_index: int = 255, class_weights: Tensor | None = None
+) -> Tensor:
     """Pixel-wise cross-entropy, averaged over the pixels that are not ignored.
 
     Args:
@@ -60,6 +82,9 @@ def supervised_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int =
             Integer ground-truth class indices.
         ignore_index (`int`, *optional*, defaults to 255):
             Label value of pixels that do not contribute to the loss.
+        class_weights (`torch.Tensor` of shape `(num_labels,)`, *optional*):
+            Per-class weights (e.g. [`median_frequency_class_weights`]): the loss is then the mean weighted by each
+            pixel's true-class weight. `None`: the plain mean (the paper).
 
     Returns:
         `torch.Tensor`: scalar loss. When no pixel is valid the loss is a zero that still carries a gradient.
@@ -68,7 +93,8 @@ def supervised_cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int =
         ValueError: if the shapes of `logits` and `labels` do not match or `labels` is not an integer tensor.
     """
     _check_logits_and_labels(logits, labels)
-    return _masked_mean_cross_entropy(logits, labels, ignore_index)
+    _check_class_weights(class_weights, logits.shape[1])
+    return _masked_mean_cross_entropy(logits, labels, ignore_index, class_weights)
 
 
 def ohem_cross_entropy(
@@ -188,6 +214,7 @@ def kept_pseudo_label_fraction(pseudo_labels: Sequence[Tensor]) -> Tensor:
 def cross_pseudo_supervision_loss(
     branch_logits: Sequence[Tensor],
     pseudo_labels: Sequence[Tensor] | None = None,
+    class_weights: Tensor | None = None,
 ) -> Tensor:
     """Cross pseudo supervision loss between `n >= 2` branches.
 
@@ -204,6 +231,9 @@ def cross_pseudo_supervision_loss(
             Needed for CutMix, where pseudo-labels come from the mixed logits of the unmixed images rather than
             from the logits on the mixed image, and for a confidence threshold
             ([`pseudo_labels_from_logits`]). Values lie in `[0, num_labels)` or are [`PSEUDO_LABEL_IGNORE_INDEX`].
+        class_weights (`torch.Tensor` of shape `(num_labels,)`, *optional*):
+            Per-class weights: each pair's cross-entropy becomes the mean weighted by the weight of each pixel's
+            pseudo-label class. `None`: the plain mean (the paper).
 
     Returns:
         `torch.Tensor`: scalar loss. A pair whose pseudo-label ignores every pixel contributes a zero that still
@@ -228,6 +258,9 @@ def cross_pseudo_supervision_loss(
                 f"branch {index} has {tuple(logits.shape)}."
             )
     label_shape = (logits_shape[0], *logits_shape[2:])
+    _check_class_weights(class_weights, logits_shape[1])
+    if class_weights is not None:
+        class_weights = class_weights.to(device=branch_logits[0].device, dtype=branch_logits[0].dtype)
 
     if pseudo_labels is None:
         targets = [pseudo_labels_from_logits(logits) for logits in branch_logits]
@@ -254,7 +287,50 @@ def cross_pseudo_supervision_loss(
                 continue
             # The mean over kept pixels is 0/0 when a threshold keeps none; `where` selects a zero then (its
             # gradient is zero too) without a host-side check.
-            pair_loss = F.nll_loss(log_probs, target, ignore_index=PSEUDO_LABEL_IGNORE_INDEX)
+            pair_loss = F.nll_loss(
+                log_probs, target, weight=class_weights, ignore_index=PSEUDO_LABEL_IGNORE_INDEX
+            )
             any_kept = (target != PSEUDO_LABEL_IGNORE_INDEX).any()
             pair_losses.append(torch.where(any_kept, pair_loss, torch.zeros_like(pair_loss)))
     return torch.stack(pair_losses).sum() / (num_branches - 1)
+
+
+def median_frequency_class_weights(
+    label_maps: Iterable[Tensor], num_labels: int, ignore_index: int = 255
+) -> Tensor:
+    """Median frequency balancing (Eigen & Fergus, 2015; SegNet's CamVid recipe): `w_c = median(f) / f_c`.
+
+    `f_c` is the pixel count of class `c` divided by the labelled (not ignored) pixel count of the label maps in
+    which `c` appears; the median runs over the classes that appear. A class absent from every map gets weight 1.
+    Frequent classes get weights below 1, rare ones above.
+
+    Args:
+        label_maps (`Iterable[torch.Tensor]`, each of shape `(height, width)`):
+            Integer ground-truth masks (e.g. the labelled training set), values in `[0, num_labels)` or
+            `ignore_index`.
+        num_labels (`int`):
+            Number of classes.
+        ignore_index (`int`, *optional*, defaults to 255):
+            Label value of pixels that are not counted.
+
+    Returns:
+        `torch.Tensor` of shape `(num_labels,)` (float32).
+
+    Raises:
+        ValueError: when no map holds a labelled pixel.
+    """
+    class_pixels = torch.zeros(num_labels, dtype=torch.float64)
+    pixels_of_maps_with_class = torch.zeros(num_labels, dtype=torch.float64)
+    for label_map in label_maps:
+        valid = label_map[label_map != ignore_index].long()
+        counts = torch.bincount(valid.flatten(), minlength=num_labels)[:num_labels].double()
+        class_pixels += counts
+        pixels_of_maps_with_class += (counts > 0).double() * valid.numel()
+    present = class_pixels > 0
+    if not bool(present.any()):
+        raise ValueError("No labelled pixel in the label maps: cannot compute class frequencies.")
+    frequencies = class_pixels[present] / pixels_of_maps_with_class[present]
+    weights = torch.ones(num_labels, dtype=torch.float64)
+    # The lower median, as SegNet's: for an even count, torch.median takes the smaller of the two middle values.
+    weights[present] = frequencies.median() / frequencies
+    return weights.float()

@@ -33,6 +33,7 @@ from .losses import (
     class_predictions,
     cross_pseudo_supervision_loss,
     kept_pseudo_label_fraction,
+    median_frequency_class_weights,
     ohem_cross_entropy,
     pseudo_labels_from_logits,
     supervised_cross_entropy,
@@ -45,6 +46,7 @@ logger = logging.get_logger(__name__)
 
 PSEUDO_LABEL_MODES = ("train", "eval")
 SUPERVISED_LOSSES = ("ce", "ohem")
+CLASS_WEIGHTINGS = ("none", "median_frequency")
 
 
 CUTMIX_INPUT_KEYS = ("pixel_values", "unlabeled_pixel_values", "mix_unlabeled_pixel_values", "cutmix_masks")
@@ -229,6 +231,11 @@ class CPSTrainingArguments(TrainingArguments):
             OHEM probability threshold.
         ohem_min_kept (`int`, *optional*, defaults to 50000):
             OHEM minimum number of kept pixels per device and step.
+        class_weighting (`str`, *optional*, defaults to `"none"`):
+            `"none"` (the paper) or `"median_frequency"`: per-class weights computed once from the labelled
+            training masks ([`~cps_hf.losses.median_frequency_class_weights`], SegNet's CamVid recipe) weight the
+            supervised cross-entropy by each pixel's true class and the CPS cross-entropy by its pseudo-label
+            class, so rare classes are not dropped by the pseudo-labels. Needs `supervised_loss="ce"`.
         pseudo_label_mode (`str`, *optional*, defaults to `"train"`):
             BatchNorm mode of the no-grad teacher passes that make CutMix pseudo-labels: `"train"` (official; batch
             statistics, running statistics updated) or `"eval"` (running statistics).
@@ -279,6 +286,12 @@ class CPSTrainingArguments(TrainingArguments):
     ohem_threshold: float = field(default=0.7, metadata={"help": "OHEM probability threshold."})
     ohem_min_kept: int = field(
         default=50_000, metadata={"help": "OHEM minimum kept pixels per device and step."}
+    )
+    class_weighting: str = field(
+        default="none",
+        metadata={
+            "help": "'none' (paper) or 'median_frequency': class weights from the labelled masks for both losses."
+        },
     )
     pseudo_label_mode: str = field(
         default="train", metadata={"help": "BatchNorm mode of the CutMix teacher passes: 'train' or 'eval'."}
@@ -334,6 +347,15 @@ class CPSTrainingArguments(TrainingArguments):
         if self.supervised_loss not in SUPERVISED_LOSSES:
             raise ValueError(
                 f"`supervised_loss` must be one of {SUPERVISED_LOSSES}, got {self.supervised_loss!r}."
+            )
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(
+                f"`class_weighting` must be one of {CLASS_WEIGHTINGS}, got {self.class_weighting!r}."
+            )
+        if self.class_weighting != "none" and self.supervised_loss != "ce":
+            raise ValueError(
+                f"`class_weighting={self.class_weighting!r}` weights the 'ce' supervised loss; it cannot be combined "
+                f"with `supervised_loss={self.supervised_loss!r}`."
             )
         if self.pseudo_label_mode not in PSEUDO_LABEL_MODES:
             raise ValueError(
@@ -434,6 +456,7 @@ class CPSTrainer(Trainer):
         self.unlabeled_stream = unlabeled_stream
         self._unlabeled_batches: UnlabeledBatches | None = None
         self.add_callback(EpochForwardingCallback(self))
+        self.class_weights = self._class_weights()
         if self.args.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.args.torch_compile:
@@ -442,6 +465,27 @@ class CPSTrainer(Trainer):
         if self.args.world_size > 1 and self.args.device.type == "cuda":
             # BatchNorm statistics over the global batch, as the paper's Sync-BN.
             use_sync_batchnorm(self.model)
+
+    def _class_weights(self) -> torch.Tensor | None:
+        """The per-class loss weights of `class_weighting`, from the training dataset's labelled masks."""
+        if self.args.class_weighting == "none" or not self.args.do_train:
+            return None
+        if not hasattr(self.train_dataset, "label_maps"):
+            raise ValueError(
+                f"`class_weighting={self.args.class_weighting!r}` needs a training dataset with `label_maps()` "
+                f"(cps_hf's segmentation datasets), got {type(self.train_dataset).__name__}."
+            )
+        weights = median_frequency_class_weights(
+            self.train_dataset.label_maps(),
+            self.model.config.num_labels,
+            self.model.config.semantic_loss_ignore_index,
+        )
+        names = self.model.config.id2label
+        logger.info(
+            "Median-frequency class weights: "
+            + ", ".join(f"{names.get(index, index)} {weight:.3f}" for index, weight in enumerate(weights.tolist()))
+        )
+        return weights.to(self.args.device)
 
     def _check_unlabeled_stream(self, stream: UnlabeledImageStream) -> None:
         if self.args.supervised_only:
@@ -656,7 +700,7 @@ class CPSTrainer(Trainer):
                 threshold=self.args.ohem_threshold,
                 min_kept=self.args.ohem_min_kept,
             )
-        return supervised_cross_entropy(logits, labels, ignore_index)
+        return supervised_cross_entropy(logits, labels, ignore_index, self.class_weights)
 
     def cps_step_loss(
         self, model: nn.Module, inputs: dict[str, torch.Tensor]
@@ -679,7 +723,7 @@ class CPSTrainer(Trainer):
             )
             pseudo_labels = forward.pseudo_labels
             student_logits = [logits.float() for logits in forward.student_logits]
-            cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels)
+            cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels, self.class_weights)
             labeled_logits = forward.labeled_logits
         else:
             labeled_logits, joint_logits = plain_cps_forward(
@@ -690,7 +734,7 @@ class CPSTrainer(Trainer):
                 pseudo_labels_from_logits(logits, self.args.cps_confidence_threshold)
                 for logits in joint_logits
             ]
-            cps_loss = cross_pseudo_supervision_loss(joint_logits, pseudo_labels)
+            cps_loss = cross_pseudo_supervision_loss(joint_logits, pseudo_labels, self.class_weights)
         # Losses in fp32 whatever the forward dtype (bf16 autocast): log-softmax in bf16 loses small probabilities.
         labeled_logits = [logits.float() for logits in labeled_logits]
 

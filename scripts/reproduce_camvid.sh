@@ -61,6 +61,10 @@ variant_flags() {
         cps_cutmix_warmup) echo "--cutmix true --cps_weight_warmup_steps 500" ;;
         cps_fused) echo "--fused_forward true" ;;
         cps_cutmix_fused) echo "--cutmix true --fused_forward true" ;;
+        # SegNet's CamVid class balancing (median frequency) in both the supervised and the CPS loss.
+        supervised_mfb) echo "--supervised_only true --class_weighting median_frequency" ;;
+        cps_cutmix_fused_mfb) echo "--cutmix true --fused_forward true --class_weighting median_frequency" ;;
+        cps_cutmix_fused_lambda05) echo "--cutmix true --fused_forward true --cps_weight 0.5" ;;
         # The official Cityscapes supervised loss; min_kept scaled from 50,000 of an 800x800 crop (7.8 % of its pixels)
         # to 3,400 of the 4 x 90 x 120 labelled pixels of a batch here.
         supervised_ohem) echo "--supervised_only true --supervised_loss ohem --ohem_min_kept 3400" ;;

@@ -8,6 +8,7 @@ from cps_hf.losses import (
     PSEUDO_LABEL_IGNORE_INDEX,
     cross_pseudo_supervision_loss,
     kept_pseudo_label_fraction,
+    median_frequency_class_weights,
     ohem_cross_entropy,
     pseudo_labels_from_logits,
     supervised_cross_entropy,
@@ -288,3 +289,70 @@ def test_cps_rejects_bad_inputs():
         cross_pseudo_supervision_loss(
             [logits, logits], pseudo_labels=[logits.argmax(1), torch.zeros(2, 3, 4)]
         )
+
+
+def test_median_frequency_weights_follow_the_definition():
+    # Class 0: 6 of map A's 8 pixels and 2 of map B's 4 -> f = 8 / 12. Class 1: 2 of A's 8 -> f = 2 / 8.
+    # Class 2: 2 of B's 4 -> f = 2 / 4. Class 3 absent -> weight 1. Ignored pixels (255) count nowhere.
+    map_a = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1], [255, 255, 255, 255]])
+    map_b = torch.tensor([[0, 2], [0, 2]])
+    weights = median_frequency_class_weights([map_a, map_b], num_labels=4)
+    frequencies = torch.tensor([8 / 12, 2 / 8, 2 / 4], dtype=torch.float64)
+    expected = (frequencies.median() / frequencies).tolist() + [1.0]
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights, torch.tensor(expected, dtype=torch.float32))
+    assert weights[1] > weights[2] > weights[0]  # the rarer, the heavier
+
+
+def test_median_frequency_weights_need_a_labelled_pixel():
+    with pytest.raises(ValueError, match="No labelled pixel"):
+        median_frequency_class_weights([torch.full((2, 2), 255)], num_labels=3)
+
+
+def test_class_weighted_supervised_loss_is_the_weighted_mean():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    labels = torch.randint(0, 3, (2, 4, 5))
+    labels[0, 0] = 255
+    weights = torch.tensor([0.5, 2.0, 1.0])
+    per_pixel = F.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    pixel_weights = weights.double()[labels.clamp_max(2)] * (labels != 255)
+    expected = (per_pixel * pixel_weights).sum() / pixel_weights.sum()
+    loss = supervised_cross_entropy(logits, labels, class_weights=weights)
+    torch.testing.assert_close(loss, expected)
+    # Equal weights are the plain mean, whatever their value.
+    torch.testing.assert_close(
+        supervised_cross_entropy(logits, labels, class_weights=torch.full((3,), 3.0)),
+        supervised_cross_entropy(logits, labels),
+    )
+    all_ignored = supervised_cross_entropy(logits, torch.full_like(labels, 255), class_weights=weights)
+    assert all_ignored.item() == 0.0
+
+
+def test_class_weighted_cps_loss_weights_by_pseudo_label_class():
+    torch.manual_seed(1)
+    logits = [torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    pseudo = [pseudo_labels_from_logits(branch) for branch in logits]
+    pseudo[1][0, 0, 0] = PSEUDO_LABEL_IGNORE_INDEX
+    weights = torch.tensor([0.2, 1.0, 5.0])
+
+    def weighted_mean_ce(student: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        kept = target != PSEUDO_LABEL_IGNORE_INDEX
+        per_pixel = F.cross_entropy(student, target.clamp_min(0), reduction="none")
+        pixel_weights = weights.double()[target.clamp_min(0)] * kept
+        return (per_pixel * pixel_weights).sum() / pixel_weights.sum()
+
+    expected = weighted_mean_ce(logits[0], pseudo[1]) + weighted_mean_ce(logits[1], pseudo[0])
+    loss = cross_pseudo_supervision_loss(logits, pseudo, class_weights=weights)
+    torch.testing.assert_close(loss, expected)
+    unweighted = cross_pseudo_supervision_loss(logits, pseudo)
+    assert not torch.allclose(loss, unweighted)
+    torch.testing.assert_close(cross_pseudo_supervision_loss(logits, pseudo, class_weights=torch.ones(3)), unweighted)
+
+
+def test_class_weights_must_match_the_classes():
+    logits = torch.randn(1, 3, 2, 2)
+    with pytest.raises(ValueError, match="one weight per class"):
+        supervised_cross_entropy(logits, torch.zeros(1, 2, 2, dtype=torch.long), class_weights=torch.ones(4))
+    with pytest.raises(ValueError, match="one weight per class"):
+        cross_pseudo_supervision_loss([logits, logits], class_weights=torch.ones(2))

@@ -4,6 +4,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -21,6 +22,7 @@ from cps_hf.experiment import MODEL_CONFIG_FIELDS, ModelArguments, parse_experim
 from cps_hf.losses import (
     cross_pseudo_supervision_loss,
     kept_pseudo_label_fraction,
+    median_frequency_class_weights,
     pseudo_labels_from_logits,
     supervised_cross_entropy,
 )
@@ -95,6 +97,8 @@ def test_defaults_make_cps_work_out_of_the_box(tmp_path):
         ({"cps_confidence_threshold": 1.0}, "cps_confidence_threshold"),
         ({"supervised_only": True, "cutmix": True}, "exclude each other"),
         ({"torch_compile": True, "gradient_checkpointing": True}, "fused_forward"),
+        ({"class_weighting": "inverse"}, "class_weighting"),
+        ({"class_weighting": "median_frequency", "supervised_loss": "ohem"}, "cannot be combined"),
     ],
 )
 def test_bad_training_arguments(tmp_path, overrides, message):
@@ -162,6 +166,27 @@ def test_cps_confidence_threshold_ignores_unconfident_pseudo_labels(tmp_path, sy
     )
     _, paper_terms, _ = paper_trainer.cps_step_loss(model, batch)
     assert paper_terms["cps_pixels_kept"].item() == 1.0
+
+
+def test_median_frequency_class_weighting_weights_both_losses(tmp_path, synthetic_splits):
+    model = small_model().train()
+    dataset = paired_dataset(synthetic_splits)
+    args = training_arguments(tmp_path, class_weighting="median_frequency")
+    trainer = CPSTrainer(model=model, args=args, train_dataset=dataset)
+    labeled_masks = [torch.as_tensor(np.array(synthetic_splits["train"][row]["label"])) for row in range(4)]
+    weights = median_frequency_class_weights(labeled_masks, NUM_LABELS)
+    assert not torch.allclose(weights, torch.ones_like(weights))
+    torch.testing.assert_close(trainer.class_weights, weights)
+
+    batch = collate_semi_supervised([dataset[i] for i in range(2)])
+    loss, terms, _ = trainer.cps_step_loss(model, batch)
+    labeled = [model(batch["pixel_values"], branch_index=i).logits for i in range(2)]
+    unlabeled = [model(batch["unlabeled_pixel_values"], branch_index=i).logits for i in range(2)]
+    supervised = sum(supervised_cross_entropy(logits, batch["labels"], class_weights=weights) for logits in labeled)
+    cps = cross_pseudo_supervision_loss([torch.cat(pair) for pair in zip(labeled, unlabeled)], class_weights=weights)
+    torch.testing.assert_close(loss, supervised + 1.5 * cps)
+    torch.testing.assert_close(terms["loss_cps"], cps.detach())
+    assert CPSTrainer(model=model, args=training_arguments(tmp_path), train_dataset=dataset).class_weights is None
 
 
 def test_n_cps_with_three_branches(tmp_path, synthetic_splits):

@@ -4,7 +4,7 @@ for evaluation or supervised-only training."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,6 +150,15 @@ class _SegmentationRows:
         if self.has_ids and record is not None:
             description += f", id {record[self.id_column]!r}"
         return description + ")"
+
+    def label_maps(self, num_labels: int, ignore_index: int) -> Iterator[Tensor]:
+        """The masks of the selected rows as stored (no transform), checked like training items."""
+        for row in self.rows.tolist():
+            record = self.dataset[row]
+            sample_name = self.describe(row, record)
+            mask = decode_mask(record[self.label_column], sample_name)
+            check_mask_values(mask, num_labels, ignore_index, sample_name)
+            yield mask
 
     def load(self, position: int, with_label: bool) -> tuple[Tensor, Tensor | None, str]:
         """Decodes the image (and mask) of the `position`-th selected row; returns them and a description."""
@@ -320,6 +329,10 @@ class SemiSupervisedSegmentationDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(self.num_labeled, self.num_unlabeled)
 
+    def label_maps(self) -> Iterator[Tensor]:
+        """The labelled masks as stored, untransformed (e.g. for class frequencies)."""
+        return self.labeled.label_maps(self.num_labels, self.transform.ignore_index)
+
     def set_epoch(self, epoch: int) -> None:
         """Sets the epoch whose augmentation and mixing partners the items use."""
         self.epoch = int(epoch)
@@ -454,6 +467,10 @@ class SupervisedSegmentationDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    def label_maps(self) -> Iterator[Tensor]:
+        """The masks as stored, untransformed (e.g. for class frequencies)."""
+        return self.rows.label_maps(self.num_labels, self.transform.ignore_index)
 
     @property
     def skipped_samples(self) -> list[str]:
