@@ -14,6 +14,7 @@ from torch import Tensor
 
 __all__ = [
     "PSEUDO_LABEL_IGNORE_INDEX",
+    "branch_cross_pseudo_supervision_loss",
     "class_predictions",
     "cross_pseudo_supervision_loss",
     "kept_pseudo_label_fraction",
@@ -280,18 +281,63 @@ def cross_pseudo_supervision_loss(
 
     # One log-softmax per branch, reused for its n - 1 targets.
     branch_log_probs = [F.log_softmax(logits, dim=1) for logits in branch_logits]
-    pair_losses = []
-    for i, log_probs in enumerate(branch_log_probs):
-        for j, target in enumerate(targets):
-            if i == j:
-                continue
-            # The mean over kept pixels is 0/0 when a threshold keeps none; `where` selects a zero then (its
-            # gradient is zero too) without a host-side check.
-            pair_loss = F.nll_loss(
-                log_probs, target, weight=class_weights, ignore_index=PSEUDO_LABEL_IGNORE_INDEX
-            )
-            any_kept = (target != PSEUDO_LABEL_IGNORE_INDEX).any()
-            pair_losses.append(torch.where(any_kept, pair_loss, torch.zeros_like(pair_loss)))
+    pair_losses = [
+        _pseudo_label_cross_entropy(log_probs, target, class_weights)
+        for i, log_probs in enumerate(branch_log_probs)
+        for j, target in enumerate(targets)
+        if i != j
+    ]
+    return torch.stack(pair_losses).sum() / (num_branches - 1)
+
+
+def _pseudo_label_cross_entropy(log_probs: Tensor, target: Tensor, class_weights: Tensor | None) -> Tensor:
+    """One ordered pair's term: the (weighted) mean cross-entropy over the kept pseudo-label pixels."""
+    loss = F.nll_loss(log_probs, target, weight=class_weights, ignore_index=PSEUDO_LABEL_IGNORE_INDEX)
+    # The mean over kept pixels is 0/0 when a threshold keeps none; `where` selects a zero then (its gradient is
+    # zero too) without a host-side check.
+    any_kept = (target != PSEUDO_LABEL_IGNORE_INDEX).any()
+    return torch.where(any_kept, loss, torch.zeros_like(loss))
+
+
+def branch_cross_pseudo_supervision_loss(
+    student_logits: Tensor,
+    pseudo_labels: Sequence[Tensor],
+    branch_index: int,
+    class_weights: Tensor | None = None,
+) -> Tensor:
+    """Branch `branch_index`'s part of [`cross_pseudo_supervision_loss`]: the cross-entropy of its logits against
+    the pseudo-label of every other branch, summed and divided by `n - 1`. Summed over the branches, these parts are
+    the CPS loss (up to float reassociation); each depends on one branch's parameters only, so each branch's
+    backward pass can run on its own.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, num_labels, height, width)`):
+            The logits of branch `branch_index`.
+        pseudo_labels (`Sequence[torch.Tensor]`, each of shape `(batch, height, width)`):
+            One pseudo-label map per branch (see [`cross_pseudo_supervision_loss`]).
+        branch_index (`int`):
+            Which branch `student_logits` belong to; its own pseudo-label is not used.
+        class_weights (`torch.Tensor` of shape `(num_labels,)`, *optional*):
+            As in [`cross_pseudo_supervision_loss`].
+
+    Returns:
+        `torch.Tensor`: scalar loss.
+    """
+    num_branches = len(pseudo_labels)
+    if num_branches < 2 or not 0 <= branch_index < num_branches:
+        raise ValueError(
+            f"Need pseudo-labels of at least 2 branches and a branch index among them, got {num_branches} maps and "
+            f"branch_index={branch_index}."
+        )
+    _check_class_weights(class_weights, student_logits.shape[1])
+    if class_weights is not None:
+        class_weights = class_weights.to(device=student_logits.device, dtype=student_logits.dtype)
+    log_probs = F.log_softmax(student_logits, dim=1)
+    pair_losses = [
+        _pseudo_label_cross_entropy(log_probs, target.detach().long(), class_weights)
+        for j, target in enumerate(pseudo_labels)
+        if j != branch_index
+    ]
     return torch.stack(pair_losses).sum() / (num_branches - 1)
 
 

@@ -347,7 +347,9 @@ def test_class_weighted_cps_loss_weights_by_pseudo_label_class():
     torch.testing.assert_close(loss, expected)
     unweighted = cross_pseudo_supervision_loss(logits, pseudo)
     assert not torch.allclose(loss, unweighted)
-    torch.testing.assert_close(cross_pseudo_supervision_loss(logits, pseudo, class_weights=torch.ones(3)), unweighted)
+    torch.testing.assert_close(
+        cross_pseudo_supervision_loss(logits, pseudo, class_weights=torch.ones(3)), unweighted
+    )
 
 
 def test_class_weights_must_match_the_classes():

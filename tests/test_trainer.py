@@ -182,11 +182,70 @@ def test_median_frequency_class_weighting_weights_both_losses(tmp_path, syntheti
     loss, terms, _ = trainer.cps_step_loss(model, batch)
     labeled = [model(batch["pixel_values"], branch_index=i).logits for i in range(2)]
     unlabeled = [model(batch["unlabeled_pixel_values"], branch_index=i).logits for i in range(2)]
-    supervised = sum(supervised_cross_entropy(logits, batch["labels"], class_weights=weights) for logits in labeled)
-    cps = cross_pseudo_supervision_loss([torch.cat(pair) for pair in zip(labeled, unlabeled)], class_weights=weights)
+    supervised = sum(
+        supervised_cross_entropy(logits, batch["labels"], class_weights=weights) for logits in labeled
+    )
+    cps = cross_pseudo_supervision_loss(
+        [torch.cat(pair) for pair in zip(labeled, unlabeled)], class_weights=weights
+    )
     torch.testing.assert_close(loss, supervised + 1.5 * cps)
     torch.testing.assert_close(terms["loss_cps"], cps.detach())
-    assert CPSTrainer(model=model, args=training_arguments(tmp_path), train_dataset=dataset).class_weights is None
+    assert (
+        CPSTrainer(model=model, args=training_arguments(tmp_path), train_dataset=dataset).class_weights
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"cutmix": True},
+        {"cutmix": True, "pseudo_label_mode": "eval", "cps_confidence_threshold": 0.5},
+        {"supervised_only": True},
+        {"class_weighting": "median_frequency", "gradient_accumulation_steps": 2},
+    ],
+    ids=["plain", "cutmix", "cutmix-eval-threshold", "supervised", "weighted-accumulation"],
+)
+def test_parallel_branches_step_computes_the_papers_step(tmp_path, synthetic_splits, overrides):
+    cutmix = overrides.get("cutmix", False)
+    batch = collate_semi_supervised([paired_dataset(synthetic_splits, cutmix=cutmix)[i] for i in range(2)])
+    steps = {}
+    for parallel in (False, True):
+        torch.manual_seed(0)
+        model = small_model().train()
+        args = training_arguments(tmp_path / str(parallel), parallel_branches=parallel, **overrides)
+        trainer = CPSTrainer(
+            model=model, args=args, train_dataset=paired_dataset(synthetic_splits, cutmix=cutmix)
+        )
+        trainer.current_gradient_accumulation_steps = (
+            args.gradient_accumulation_steps
+        )  # set by the training loop
+        loss = trainer.training_step(model, dict(batch))
+        terms = {name: value / trainer._loss_term_count for name, value in trainer._loss_term_sums.items()}
+        steps[parallel] = (loss, terms, model)
+    (serial_loss, serial_terms, serial_model), (loss, terms, model) = steps[False], steps[True]
+    # The same operations per branch; only the summation of the branches' gradients into one loss differs.
+    torch.testing.assert_close(loss, serial_loss)
+    assert terms.keys() == serial_terms.keys()
+    for name in terms:
+        torch.testing.assert_close(terms[name], serial_terms[name])
+    for (name, parameter), serial_parameter in zip(model.named_parameters(), serial_model.parameters()):
+        assert parameter.grad is not None, name
+        torch.testing.assert_close(parameter.grad, serial_parameter.grad, msg=name)
+    for (name, buffer), serial_buffer in zip(model.named_buffers(), serial_model.buffers()):
+        torch.testing.assert_close(buffer, serial_buffer, msg=name)
+
+
+@pytest.mark.parametrize("conflict", ["fused_forward", "gradient_checkpointing"])
+def test_parallel_branches_falls_back_to_the_usual_step_where_it_does_not_apply(
+    tmp_path, synthetic_splits, conflict
+):
+    dataset = paired_dataset(synthetic_splits)
+    args = training_arguments(tmp_path, parallel_branches=True)
+    assert CPSTrainer(model=small_model(), args=args, train_dataset=dataset).parallel_branches is True
+    args = training_arguments(tmp_path, parallel_branches=True, **{conflict: True})
+    assert CPSTrainer(model=small_model(), args=args, train_dataset=dataset).parallel_branches is False
 
 
 def test_n_cps_with_three_branches(tmp_path, synthetic_splits):
