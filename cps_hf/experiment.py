@@ -336,6 +336,7 @@ def run_experiment(
                     "supervised_only",
                     "supervised_loss",
                     "class_weighting",
+                    "cps_class_weighting",
                     "pseudo_label_mode",
                     "learning_rate",
                     "weight_decay",

@@ -238,8 +238,11 @@ class CPSTrainingArguments(TrainingArguments):
         class_weighting (`str`, *optional*, defaults to `"none"`):
             `"none"` (the paper) or `"median_frequency"`: per-class weights computed once from the labelled
             training masks ([`~cps_hf.losses.median_frequency_class_weights`], SegNet's CamVid recipe) weight the
-            supervised cross-entropy by each pixel's true class and the CPS cross-entropy by its pseudo-label
-            class, so rare classes are not dropped by the pseudo-labels. Needs `supervised_loss="ce"`.
+            supervised cross-entropy by each pixel's true class, so that the supervised start (whose predictions
+            become the pseudo-labels) does not leave out the rare classes. Needs `supervised_loss="ce"`.
+        cps_class_weighting (`bool`, *optional*, defaults to `False`):
+            Also weight the CPS cross-entropy by the class weight of each pixel's pseudo-label (needs
+            `class_weighting`). On CamVid this made the branches over-predict the rare classes everywhere.
         pseudo_label_mode (`str`, *optional*, defaults to `"train"`):
             BatchNorm mode of the no-grad teacher passes that make CutMix pseudo-labels: `"train"` (official; batch
             statistics, running statistics updated) or `"eval"` (running statistics).
@@ -302,7 +305,13 @@ class CPSTrainingArguments(TrainingArguments):
     class_weighting: str = field(
         default="none",
         metadata={
-            "help": "'none' (paper) or 'median_frequency': class weights from the labelled masks for both losses."
+            "help": "'none' (paper) or 'median_frequency': class weights from the labelled masks in the supervised loss."
+        },
+    )
+    cps_class_weighting: bool = field(
+        default=False,
+        metadata={
+            "help": "Also weight the CPS loss by the pseudo-label's class weight (needs class_weighting)."
         },
     )
     pseudo_label_mode: str = field(
@@ -372,6 +381,10 @@ class CPSTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`class_weighting={self.class_weighting!r}` weights the 'ce' supervised loss; it cannot be combined "
                 f"with `supervised_loss={self.supervised_loss!r}`."
+            )
+        if self.cps_class_weighting and self.class_weighting == "none":
+            raise ValueError(
+                "`cps_class_weighting` weights the CPS loss with the weights of `class_weighting`: set both."
             )
         if self.pseudo_label_mode not in PSEUDO_LABEL_MODES:
             raise ValueError(
@@ -473,6 +486,7 @@ class CPSTrainer(Trainer):
         self._unlabeled_batches: UnlabeledBatches | None = None
         self.add_callback(EpochForwardingCallback(self))
         self.class_weights = self._class_weights()
+        self.cps_class_weights = self.class_weights if self.args.cps_class_weighting else None
         if self.args.channels_last:
             self.model.to(memory_format=torch.channels_last)
         if self.args.torch_compile:
@@ -694,12 +708,12 @@ class CPSTrainer(Trainer):
                 student_logits = branch(mixed_pixel_values).float()
                 labeled_logits = branch(labeled_pixel_values).float()
                 cps_term = branch_cross_pseudo_supervision_loss(
-                    student_logits, pseudo_labels, index, self.class_weights
+                    student_logits, pseudo_labels, index, self.cps_class_weights
                 )
             else:
                 labeled_logits = joint_logits[: labeled_pixel_values.shape[0]]
                 cps_term = branch_cross_pseudo_supervision_loss(
-                    joint_logits, pseudo_labels, index, self.class_weights
+                    joint_logits, pseudo_labels, index, self.cps_class_weights
                 )
             supervised_term = self.supervised_loss(labeled_logits, labels)
             branch_loss = supervised_term if cps_term is None else supervised_term + cps_weight * cps_term
@@ -842,7 +856,7 @@ class CPSTrainer(Trainer):
             )
             pseudo_labels = forward.pseudo_labels
             student_logits = [logits.float() for logits in forward.student_logits]
-            cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels, self.class_weights)
+            cps_loss = cross_pseudo_supervision_loss(student_logits, pseudo_labels, self.cps_class_weights)
             labeled_logits = forward.labeled_logits
         else:
             labeled_logits, joint_logits = plain_cps_forward(
@@ -853,7 +867,7 @@ class CPSTrainer(Trainer):
                 pseudo_labels_from_logits(logits, self.args.cps_confidence_threshold)
                 for logits in joint_logits
             ]
-            cps_loss = cross_pseudo_supervision_loss(joint_logits, pseudo_labels, self.class_weights)
+            cps_loss = cross_pseudo_supervision_loss(joint_logits, pseudo_labels, self.cps_class_weights)
         # Losses in fp32 whatever the forward dtype (bf16 autocast): log-softmax in bf16 loses small probabilities.
         labeled_logits = [logits.float() for logits in labeled_logits]
 

@@ -61,9 +61,12 @@ variant_flags() {
         cps_cutmix_warmup) echo "--cutmix true --cps_weight_warmup_steps 500" ;;
         cps_fused) echo "--fused_forward true" ;;
         cps_cutmix_fused) echo "--cutmix true --fused_forward true" ;;
-        # SegNet's CamVid class balancing (median frequency) in both the supervised and the CPS loss.
+        # SegNet's CamVid class balancing (median frequency) in the supervised loss (_mfb), and also in the CPS loss.
         supervised_mfb) echo "--supervised_only true --class_weighting median_frequency" ;;
+        cps_mfb) echo "--class_weighting median_frequency" ;;
+        cps_cutmix_mfb) echo "--cutmix true --class_weighting median_frequency" ;;
         cps_cutmix_fused_mfb) echo "--cutmix true --fused_forward true --class_weighting median_frequency" ;;
+        cps_cutmix_fused_mfb_cps) echo "--cutmix true --fused_forward true --class_weighting median_frequency --cps_class_weighting true" ;;
         cps_cutmix_fused_lambda05) echo "--cutmix true --fused_forward true --cps_weight 0.5" ;;
         # The official Cityscapes supervised loss; min_kept scaled from 50,000 of an 800x800 crop (7.8 % of its pixels)
         # to 3,400 of the 4 x 90 x 120 labelled pixels of a batch here.

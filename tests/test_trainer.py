@@ -99,6 +99,7 @@ def test_defaults_make_cps_work_out_of_the_box(tmp_path):
         ({"torch_compile": True, "gradient_checkpointing": True}, "fused_forward"),
         ({"class_weighting": "inverse"}, "class_weighting"),
         ({"class_weighting": "median_frequency", "supervised_loss": "ohem"}, "cannot be combined"),
+        ({"cps_class_weighting": True}, "set both"),
     ],
 )
 def test_bad_training_arguments(tmp_path, overrides, message):
@@ -168,10 +169,13 @@ def test_cps_confidence_threshold_ignores_unconfident_pseudo_labels(tmp_path, sy
     assert paper_terms["cps_pixels_kept"].item() == 1.0
 
 
-def test_median_frequency_class_weighting_weights_both_losses(tmp_path, synthetic_splits):
+@pytest.mark.parametrize("cps_class_weighting", [False, True])
+def test_median_frequency_class_weighting(tmp_path, synthetic_splits, cps_class_weighting):
     model = small_model().train()
     dataset = paired_dataset(synthetic_splits)
-    args = training_arguments(tmp_path, class_weighting="median_frequency")
+    args = training_arguments(
+        tmp_path, class_weighting="median_frequency", cps_class_weighting=cps_class_weighting
+    )
     trainer = CPSTrainer(model=model, args=args, train_dataset=dataset)
     labeled_masks = [torch.as_tensor(np.array(synthetic_splits["train"][row]["label"])) for row in range(4)]
     weights = median_frequency_class_weights(labeled_masks, NUM_LABELS)
@@ -186,14 +190,13 @@ def test_median_frequency_class_weighting_weights_both_losses(tmp_path, syntheti
         supervised_cross_entropy(logits, batch["labels"], class_weights=weights) for logits in labeled
     )
     cps = cross_pseudo_supervision_loss(
-        [torch.cat(pair) for pair in zip(labeled, unlabeled)], class_weights=weights
+        [torch.cat(pair) for pair in zip(labeled, unlabeled)],
+        class_weights=weights if cps_class_weighting else None,
     )
     torch.testing.assert_close(loss, supervised + 1.5 * cps)
     torch.testing.assert_close(terms["loss_cps"], cps.detach())
-    assert (
-        CPSTrainer(model=model, args=training_arguments(tmp_path), train_dataset=dataset).class_weights
-        is None
-    )
+    paper = CPSTrainer(model=model, args=training_arguments(tmp_path), train_dataset=dataset)
+    assert paper.class_weights is None and paper.cps_class_weights is None
 
 
 @pytest.mark.parametrize(
@@ -204,8 +207,16 @@ def test_median_frequency_class_weighting_weights_both_losses(tmp_path, syntheti
         {"cutmix": True, "pseudo_label_mode": "eval", "cps_confidence_threshold": 0.5},
         {"supervised_only": True},
         {"class_weighting": "median_frequency", "gradient_accumulation_steps": 2},
+        {"class_weighting": "median_frequency", "cps_class_weighting": True, "cutmix": True},
     ],
-    ids=["plain", "cutmix", "cutmix-eval-threshold", "supervised", "weighted-accumulation"],
+    ids=[
+        "plain",
+        "cutmix",
+        "cutmix-eval-threshold",
+        "supervised",
+        "weighted-accumulation",
+        "cutmix-cps-weighted",
+    ],
 )
 def test_parallel_branches_step_computes_the_papers_step(tmp_path, synthetic_splits, overrides):
     cutmix = overrides.get("cutmix", False)
