@@ -67,6 +67,8 @@ variant_flags() {
         cps_cutmix_mfb) echo "--cutmix true --class_weighting median_frequency" ;;
         cps_cutmix_fused_mfb) echo "--cutmix true --fused_forward true --class_weighting median_frequency" ;;
         cps_cutmix_fused_mfb_cps) echo "--cutmix true --fused_forward true --class_weighting median_frequency --cps_class_weighting true" ;;
+        supervised_lr03) echo "--supervised_only true --learning_rate 0.03" ;;
+        cps_cutmix_lr03) echo "--cutmix true --learning_rate 0.03" ;;
         cps_cutmix_fused_lambda05) echo "--cutmix true --fused_forward true --cps_weight 0.5" ;;
         # The official Cityscapes supervised loss; min_kept scaled from 50,000 of an 800x800 crop (7.8 % of its pixels)
         # to 3,400 of the 4 x 90 x 120 labelled pixels of a batch here.
