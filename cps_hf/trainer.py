@@ -674,7 +674,7 @@ class CPSTrainer(Trainer):
         cps_weight = self.current_cps_weight()
         threshold = self.args.cps_confidence_threshold
 
-        def teacher_pass(index: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+        def pseudo_label_pass(index: int) -> tuple[torch.Tensor | None, torch.Tensor]:
             """Plain CPS: the branch's logits on [labelled ; unlabelled] (with gradients) and its pseudo-label.
             CutMix: no logits, and the pseudo-label from the mixed no-grad passes on the two unlabelled batches."""
             branch = branches[index]
@@ -728,7 +728,7 @@ class CPSTrainer(Trainer):
             if not self.args.supervised_only:
                 with teacher_mode(model, self.args.pseudo_label_mode if self.args.cutmix else "train"):
                     joint_logits, pseudo_labels = (
-                        list(values) for values in zip(*pool.map(teacher_pass, indices))
+                        list(values) for values in zip(*pool.map(pseudo_label_pass, indices))
                     )
             results = list(
                 pool.map(lambda index: student_pass(index, joint_logits[index], pseudo_labels), indices)
