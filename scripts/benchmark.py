@@ -8,7 +8,6 @@ the same batches, each in its own process. Prints a table; `--output_json` write
     python scripts/benchmark.py ... --fused_forward true   # fused step: two model calls, BN over the concatenations
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from transformers import HfArgumentParser
 
 # The benchmarks live in benchmarks/ next to scripts/ (tooling, not part of the installed package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import write_report  # noqa: E402
 from benchmarks.step import BenchmarkArguments, format_benchmark_table, run_benchmark  # noqa: E402
 
 
@@ -23,10 +23,8 @@ def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     report = run_benchmark(args)
     print(format_benchmark_table(report))
-    if args.output_json:
-        output_path = Path(args.output_json)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        output_path.write_text(json.dumps(report, indent=2))
+    output_path = write_report(report, args.output_json)
+    if output_path is not None:
         print(f"Report written to {output_path}")
 
 

@@ -7,7 +7,6 @@ their steps alternating. Prints a table; `--output_json` writes the full report.
         --warmup 1 --device cpu --dtype fp32 --output_json runs/checkpointing_cpu.json
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import HfArgumentParser
 
 # The benchmarks live in benchmarks/ next to scripts/ (tooling, not part of the installed package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import write_report  # noqa: E402
 from benchmarks.checkpointing import format_checkpointing_table, run_checkpointing_benchmark  # noqa: E402
 from benchmarks.step import BenchmarkArguments  # noqa: E402
 
@@ -23,10 +23,8 @@ def main() -> None:
     (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
     report = run_checkpointing_benchmark(args)
     print(format_checkpointing_table(report))
-    if args.output_json:
-        output_path = Path(args.output_json)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        output_path.write_text(json.dumps(report, indent=2))
+    output_path = write_report(report, args.output_json)
+    if output_path is not None:
         print(f"Report written to {output_path}")
 
 

@@ -4,7 +4,6 @@ the same random predictions and labels (default: CamVid validation size, 101 ima
     python scripts/benchmark_metric.py --output_json runs/benchmark_metric.json
 """
 
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +12,7 @@ from transformers import HfArgumentParser
 
 # The benchmarks live in benchmarks/ next to scripts/ (tooling, not part of the installed package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks import write_report  # noqa: E402
 from benchmarks.metric import benchmark_metric  # noqa: E402
 
 
@@ -38,10 +38,7 @@ def main() -> None:
         f"speedup {report['speedup']:.1f}x | mIoU {100 * report['mean_iou']:.2f} | "
         f"max per-class IoU difference {report['max_per_class_iou_difference']:.2e}"
     )
-    if args.output_json:
-        output_path = Path(args.output_json)
-        output_path.parent.mkdir(parents=True, exist_ok=True)
-        output_path.write_text(json.dumps(report, indent=2))
+    write_report(report, args.output_json)
 
 
 if __name__ == "__main__":

@@ -285,9 +285,9 @@ def test_benchmark_script_writes_the_report(tmp_path):
         assert report[f"{prefix}efficiency"] > 0
 
 
-@pytest.mark.slow
-def test_isolated_benchmark_runs_each_step_in_its_own_process():
-    args = BenchmarkArguments(
+def tiny_benchmark_arguments(**overrides) -> BenchmarkArguments:
+    """One timed step of the tiny model on 32-px crops, on one CPU thread."""
+    values = dict(
         backbone="test_resnet",
         multi_grid=[0],
         num_labels=3,
@@ -298,6 +298,12 @@ def test_isolated_benchmark_runs_each_step_in_its_own_process():
         device="cpu",
         num_threads=1,
     )
+    return BenchmarkArguments(**{**values, **overrides})
+
+
+@pytest.mark.slow
+def test_isolated_benchmark_runs_each_step_in_its_own_process():
+    args = tiny_benchmark_arguments()
     report = run_benchmark(args)
     assert report["memory_isolated"] is True and report["same_initial_weights"] is True
     assert report["reference"]["rss_before_steps_bytes"] < report["reference_peak_memory_bytes"]
@@ -334,18 +340,7 @@ def test_interleaved_benchmark_alternates_the_two_steps(monkeypatch):
 def test_checkpointing_benchmark_compares_the_same_step_with_and_without_recomputation():
     from benchmarks.checkpointing import format_checkpointing_table, run_checkpointing_benchmark
 
-    args = BenchmarkArguments(
-        backbone="test_resnet",
-        multi_grid=[0],
-        num_labels=3,
-        crop_size=32,
-        batch_size=2,
-        steps=1,
-        warmup=0,
-        device="cpu",
-        num_threads=1,
-        isolate_processes=False,
-    )
+    args = tiny_benchmark_arguments(isolate_processes=False)
     report = run_checkpointing_benchmark(args)
     assert report["checkpointed"]["step_memory_bytes"] is not None and report["memory_isolated"] is False
     assert report["same_initial_weights"] is True
