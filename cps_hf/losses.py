@@ -41,11 +41,16 @@ def _check_logits_and_labels(logits: Tensor, labels: Tensor) -> None:
         raise ValueError(f"`labels` must be an integer tensor, got dtype {labels.dtype}.")
 
 
-def _check_class_weights(class_weights: Tensor | None, num_labels: int) -> None:
-    if class_weights is not None and tuple(class_weights.shape) != (num_labels,):
+def _class_weights_for(logits: Tensor, class_weights: Tensor | None) -> Tensor | None:
+    """`class_weights` checked against the logits' classes, on their device and in their dtype."""
+    if class_weights is None:
+        return None
+    num_labels = logits.shape[1]
+    if tuple(class_weights.shape) != (num_labels,):
         raise ValueError(
             f"`class_weights` must hold one weight per class ({num_labels}), got shape {tuple(class_weights.shape)}."
         )
+    return class_weights.to(device=logits.device, dtype=logits.dtype)
 
 
 def _masked_mean_cross_entropy(
@@ -62,7 +67,6 @@ def _masked_mean_cross_entropy(
     if class_weights is None:
         loss_sum = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
         return loss_sum / valid.sum().clamp_min(1)
-    class_weights = class_weights.to(device=logits.device, dtype=logits.dtype)
     loss_sum = F.cross_entropy(
         logits, labels, weight=class_weights, ignore_index=ignore_index, reduction="sum"
     )
@@ -94,8 +98,7 @@ def supervised_cross_entropy(
         ValueError: if the shapes of `logits` and `labels` do not match or `labels` is not an integer tensor.
     """
     _check_logits_and_labels(logits, labels)
-    _check_class_weights(class_weights, logits.shape[1])
-    return _masked_mean_cross_entropy(logits, labels, ignore_index, class_weights)
+    return _masked_mean_cross_entropy(logits, labels, ignore_index, _class_weights_for(logits, class_weights))
 
 
 def ohem_cross_entropy(
@@ -259,9 +262,7 @@ def cross_pseudo_supervision_loss(
                 f"branch {index} has {tuple(logits.shape)}."
             )
     label_shape = (logits_shape[0], *logits_shape[2:])
-    _check_class_weights(class_weights, logits_shape[1])
-    if class_weights is not None:
-        class_weights = class_weights.to(device=branch_logits[0].device, dtype=branch_logits[0].dtype)
+    class_weights = _class_weights_for(branch_logits[0], class_weights)
 
     if pseudo_labels is None:
         targets = [pseudo_labels_from_logits(logits) for logits in branch_logits]
@@ -329,9 +330,7 @@ def branch_cross_pseudo_supervision_loss(
             f"Need pseudo-labels of at least 2 branches and a branch index among them, got {num_branches} maps and "
             f"branch_index={branch_index}."
         )
-    _check_class_weights(class_weights, student_logits.shape[1])
-    if class_weights is not None:
-        class_weights = class_weights.to(device=student_logits.device, dtype=student_logits.dtype)
+    class_weights = _class_weights_for(student_logits, class_weights)
     log_probs = F.log_softmax(student_logits, dim=1)
     pair_losses = [
         _pseudo_label_cross_entropy(log_probs, target.detach().long(), class_weights)

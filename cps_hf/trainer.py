@@ -663,7 +663,9 @@ class CPSTrainer(Trainer):
         the paper's passes in the paper's order within each branch; the pseudo-labels are exchanged between the
         teacher passes and the losses. Returns the step's loss (detached, scaled for gradient accumulation)."""
         model.train()
-        if callable(getattr(self.optimizer, "train", None)):  # as the Trainer's step (schedule-free optimizers)
+        if callable(
+            getattr(self.optimizer, "train", None)
+        ):  # as the Trainer's step (schedule-free optimizers)
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         if self.args.channels_last:
