@@ -183,6 +183,46 @@ def test_scale_range_and_scales_are_exclusive() -> None:
         SegmentationTransform(train=True)
 
 
+def test_color_jitter_changes_the_image_by_drawn_factors_and_leaves_the_mask() -> None:
+    image = torch.rand(3, 12, 16) * 0.4 + 0.2  # at most 0.9 after a brightness factor of 1.5: no clamping
+    mask = torch.randint(0, NUM_LABELS, (12, 16))
+    plain = identity_transform()
+
+    def jitter(strengths: tuple[float, ...]) -> SegmentationTransform:
+        return SegmentationTransform(
+            train=True,
+            crop_size=(12, 16),
+            scales=(1.0,),
+            mean=(0, 0, 0),
+            std=(1, 1, 1),
+            color_jitter=strengths,
+        )
+
+    # Brightness alone multiplies every value by one factor in [0.5, 1.5]; the colour draws come after the
+    # geometric ones, so the flip (and the mask) are those of the transform without jitter.
+    factors = set()
+    for seed in range(10):
+        reference, reference_labels = plain(image, mask, generator=torch.Generator().manual_seed(seed))
+        jittered, labels = jitter((0.5, 0, 0, 0))(image, mask, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(labels, reference_labels)
+        ratio = jittered / reference
+        assert torch.allclose(ratio, ratio.flatten()[0].expand_as(ratio), atol=1e-5)
+        assert 0.5 <= float(ratio.flatten()[0]) <= 1.5
+        factors.add(round(float(ratio.flatten()[0]), 4))
+    assert len(factors) == 10
+    # All four: deterministic per generator, values kept in [0, 1].
+    full = jitter((0.4, 0.4, 0.4, 0.1))
+    first = full(image, mask, generator=torch.Generator().manual_seed(3))
+    second = full(image, mask, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+    assert not torch.allclose(first[0], plain(image, mask, generator=torch.Generator().manual_seed(3))[0])
+    assert 0.0 <= float(first[0].min()) and float(first[0].max()) <= 1.0
+    assert jitter((0, 0, 0, 0)).color_jitter is None  # zero strengths: no jitter
+    for bad in [(0.4, 0.4, 0.4), (-0.1, 0, 0, 0), (0, 0, 0, 0.6)]:
+        with pytest.raises(ValueError, match="color_jitter"):
+            jitter(bad)
+
+
 def test_eval_transform_normalises_and_optionally_resizes() -> None:
     image = torch.rand(3, 20, 30)
     mask = torch.randint(0, NUM_LABELS, (20, 30))

@@ -110,9 +110,17 @@ def test_recipe_rows_come_from_the_recipe(tmp_path):
     assert rows["split fingerprint"].startswith("`0123456789abcdef`")
     assert rows["images"] == "4 labelled / 12 unlabelled"
     assert rows["batch"].endswith("= 2 labelled + 2 unlabelled per iteration")
-    assert rows["crop"].startswith("24×24")
+    assert rows["crop"].startswith("24×24") and "colour jitter" not in rows["crop"]
     assert rows["learning rate"].startswith("0.01, schedule `polynomial`")
     assert rows["backbone weights"] == "none: trained from scratch"
+
+
+def test_colour_jitter_is_listed_with_the_augmentation(tmp_path):
+    run = save_tiny_run(tmp_path / "run", data_overrides={"color_jitter": [0.4, 0.4, 0.4, 0.1]})
+    rows = dict(re.findall(r"^\| ([^|]+?) \| (.+) \|$", render_model_card(run).text, flags=re.MULTILINE))
+    assert rows["crop"].endswith(
+        "horizontal flip, colour jitter (brightness, contrast, saturation, hue) 0.4, 0.4, 0.4, 0.1"
+    )
 
 
 def test_a_streamed_unlabelled_pool_is_named_without_a_count(tmp_path):

@@ -91,6 +91,14 @@ class DataArguments:
     scales: list[float] = field(
         default_factory=lambda: list(PAPER_SCALES), metadata={"help": "Random scale factors."}
     )
+    color_jitter: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Colour jitter of the training images (labelled and unlabelled): `brightness contrast "
+            "saturation hue` strengths as torchvision's ColorJitter, e.g. `0.4 0.4 0.4 0.1` (default: none, "
+            "as the paper)."
+        },
+    )
     eval_size: int | None = field(
         default=None, metadata={"help": "Resize evaluation images to this square size."}
     )
@@ -223,7 +231,12 @@ def build_training_data(
         dataset_name=dataset_name,
     )
     train_transform = SegmentationTransform(
-        train=True, crop_size=data_args.crop_size, scales=data_args.scales, mean=mean, std=std
+        train=True,
+        crop_size=data_args.crop_size,
+        scales=data_args.scales,
+        mean=mean,
+        std=std,
+        color_jitter=data_args.color_jitter,
     )
     columns = dict(
         image_column=data_args.image_column,

@@ -47,7 +47,8 @@ class SegmentationTransform:
 
     Training (`train=True`), following the CPS recipe: horizontal flip with probability `flip_probability` →
     random scale (a factor chosen uniformly from `scales`, or drawn uniformly from `scale_range`; image bilinear,
-    mask nearest) → normalisation with `mean`/`std` → random crop of `crop_size`. Where the scaled image is smaller
+    mask nearest) → random crop of `crop_size` → optional colour jitter of the image (`color_jitter`, not in the
+    paper's recipe) → normalisation with `mean`/`std`. Where the scaled image is smaller
     than the crop, it is placed at a random (or, with `pad_position="center"`, central) offset and padded with 0
     (after normalisation, i.e. the mean colour) and the mask with `ignore_index`.
 
@@ -87,6 +88,11 @@ class SegmentationTransform:
         pad_position (`str`, *optional*, defaults to `"random"`):
             Where an image smaller than the crop sits inside the padded crop: at a random offset (like
             torchvision's `RandomCrop(pad_if_needed=True)`), or `"center"` (the reference implementation).
+        color_jitter (`tuple[float, float, float, float]`, *optional*):
+            `(brightness, contrast, saturation, hue)` strengths, as torchvision's `ColorJitter`: factors drawn
+            uniformly from `[max(0, 1 - s), 1 + s]` (hue: a shift in `[-s, s]`, `s <= 0.5`), applied in that
+            fixed order to the cropped image in `[0, 1]`; a strength of 0 leaves that property alone. `None`
+            (default): no colour change, as the paper.
 
     Example:
 
@@ -113,6 +119,7 @@ class SegmentationTransform:
         eval_size: int | tuple[int, int] | None = None,
         antialias: bool = False,
         pad_position: Literal["random", "center"] = "random",
+        color_jitter: Sequence[float] | None = None,
     ) -> None:
         if len(mean) != 3 or len(std) != 3:
             raise ValueError(f"`mean` and `std` must have 3 values (RGB), got mean={mean}, std={std}.")
@@ -144,6 +151,15 @@ class SegmentationTransform:
             raise ValueError(f"`pad_position` must be 'random' or 'center', got {pad_position!r}.")
         if eval_short_side is not None and eval_short_side < 1:
             raise ValueError(f"`eval_short_side` must be >= 1, got {eval_short_side}.")
+        if color_jitter is not None:
+            color_jitter = tuple(float(strength) for strength in color_jitter)
+            if len(color_jitter) != 4 or min(color_jitter) < 0 or color_jitter[3] > 0.5:
+                raise ValueError(
+                    "`color_jitter` must be 4 strengths (brightness, contrast, saturation, hue), each >= 0 and "
+                    f"hue <= 0.5, got {color_jitter}."
+                )
+            if max(color_jitter) == 0:
+                color_jitter = None
 
         self.train = train
         self.crop_size = size_pair(crop_size, "crop_size") if crop_size is not None else None
@@ -157,6 +173,7 @@ class SegmentationTransform:
         self.eval_size = size_pair(eval_size, "eval_size") if eval_size is not None else None
         self.antialias = antialias
         self.pad_position = pad_position
+        self.color_jitter = color_jitter
 
     def __repr__(self) -> str:
         if self.train:
@@ -164,6 +181,8 @@ class SegmentationTransform:
                 f"scales={self.scales}" if self.scales is not None else f"scale_range={self.scale_range}"
             )
             details = f"crop_size={self.crop_size}, {scaling}, flip_probability={self.flip_probability}"
+            if self.color_jitter is not None:
+                details += f", color_jitter={self.color_jitter}"
         else:
             details = f"eval_short_side={self.eval_short_side}, eval_size={self.eval_size}"
         return f"{type(self).__name__}(train={self.train}, {details}, mean={self.mean}, std={self.std})"
@@ -240,7 +259,8 @@ class SegmentationTransform:
     def _train_transform(
         self, image: tv_tensors.Image, mask: tv_tensors.Mask | None, generator: torch.Generator | None
     ) -> tuple[tv_tensors.Image, tv_tensors.Mask | None]:
-        # The draws keep their order (flip, scale, crop offset, pad offset): items stay reproducible across versions.
+        # The draws keep their order (flip, scale, crop offset, pad offset, colour factors): items stay reproducible
+        # across versions.
         if float(torch.rand((), generator=generator)) < self.flip_probability:
             image = TF.horizontal_flip(image)
             mask = TF.horizontal_flip(mask) if mask is not None else None
@@ -255,10 +275,9 @@ class SegmentationTransform:
         top = _random_int(0, height - crop_height, generator)
         left = _random_int(0, width - crop_width, generator)
         window = (top, left, min(crop_height, height), min(crop_width, width))
-        image = TF.normalize(TF.crop(image, *window), self.mean, self.std)
-        mask = TF.crop(mask, *window) if mask is not None else None
         # ...and placement of the image inside the crop where it is smaller (padding around it).
         pad_height, pad_width = crop_height - window[2], crop_width - window[3]
+        padding = None
         if pad_height > 0 or pad_width > 0:
             if self.pad_position == "random":
                 pad_top = _random_int(0, pad_height, generator)
@@ -271,9 +290,31 @@ class SegmentationTransform:
                 pad_width - pad_left,
                 pad_height - pad_top,
             ]  # left, top, right, bottom
+        image = TF.crop(image, *window)
+        mask = TF.crop(mask, *window) if mask is not None else None
+        if self.color_jitter is not None:
+            image = self._jitter_colors(image, generator)
+        image = TF.normalize(image, self.mean, self.std)
+        if padding is not None:
             image = TF.pad(image, padding, fill=0.0)
             mask = TF.pad(mask, padding, fill=self.ignore_index) if mask is not None else None
         return image, mask
+
+    def _jitter_colors(self, image: tv_tensors.Image, generator: torch.Generator | None) -> tv_tensors.Image:
+        """Brightness, contrast, saturation, then hue, each by a factor drawn from the generator."""
+        brightness, contrast, saturation, hue = self.color_jitter
+        adjustments = (
+            (brightness, TF.adjust_brightness),
+            (contrast, TF.adjust_contrast),
+            (saturation, TF.adjust_saturation),
+        )
+        for strength, adjust in adjustments:
+            if strength > 0:
+                low, high = max(0.0, 1.0 - strength), 1.0 + strength
+                image = adjust(image, low + (high - low) * float(torch.rand((), generator=generator)))
+        if hue > 0:
+            image = TF.adjust_hue(image, hue * (2 * float(torch.rand((), generator=generator)) - 1))
+        return image
 
     def _eval_transform(
         self, image: tv_tensors.Image, mask: tv_tensors.Mask | None
