@@ -67,6 +67,9 @@ variant_flags() {
         cps_cutmix_mfb) echo "--cutmix true --class_weighting median_frequency" ;;
         cps_cutmix_fused_mfb) echo "--cutmix true --fused_forward true --class_weighting median_frequency" ;;
         cps_cutmix_fused_mfb_cps) echo "--cutmix true --fused_forward true --class_weighting median_frequency --cps_class_weighting true" ;;
+        # Colour jitter (torchvision ColorJitter strengths) of every training image, on top of the class weights.
+        supervised_mfb_jitter) echo "--supervised_only true --class_weighting median_frequency --color_jitter 0.4 0.4 0.4 0.1" ;;
+        cps_cutmix_mfb_jitter) echo "--cutmix true --class_weighting median_frequency --color_jitter 0.4 0.4 0.4 0.1" ;;
         supervised_lr03) echo "--supervised_only true --learning_rate 0.03" ;;
         cps_cutmix_lr03) echo "--cutmix true --learning_rate 0.03" ;;
         cps_cutmix_fused_lambda05) echo "--cutmix true --fused_forward true --cps_weight 0.5" ;;
