@@ -76,3 +76,55 @@ def test_results_without_finished_runs_fail_clearly(tmp_path):
         returncode=1,
     )
     assert "No finished run" in result.stderr
+
+
+def test_sequence_report_splits_frames_by_part_and_sequence(tmp_path):
+    import datasets
+    import numpy as np
+    from helpers import save_tiny_run
+
+    from cps_hf.data.synthetic import SYNTHETIC_CLASS_NAMES
+
+    run = save_tiny_run(tmp_path / "run")  # its recipe labels a quarter of the training rows
+    rng = np.random.default_rng(0)
+
+    def split(ids: list[str]) -> datasets.Dataset:
+        images = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in ids]
+        masks = [rng.integers(0, len(SYNTHETIC_CLASS_NAMES), (16, 16), dtype=np.uint8) for _ in ids]
+        masks[0][:4] = 255  # void pixels count nowhere
+        features = datasets.Features(
+            {"id": datasets.Value("string"), "image": datasets.Image(), "label": datasets.Image()}
+        )
+        return datasets.Dataset.from_dict({"id": ids, "image": images, "label": masks}, features=features)
+
+    train_ids = [f"{sequence}_{index:03d}" for sequence in ("AAA", "BBB") for index in range(4)]
+    dataset = datasets.DatasetDict({"train": split(train_ids), "validation": split(["CCC_000", "CCC_001"])})
+    dataset.save_to_disk(tmp_path / "data")
+    class_name = SYNTHETIC_CLASS_NAMES[1]
+    output = tmp_path / "sequences.json"
+
+    run_script(
+        "camvid_sequences",
+        "--runs",
+        str(run),
+        "--dataset_name",
+        str(tmp_path / "data"),
+        "--class_name",
+        class_name,
+        "--output",
+        str(output),
+    )
+
+    groups = json.loads(output.read_text())["runs"]["run"]
+    parts = {"train-labelled", "train-unlabelled", "validation"}
+    assert parts <= groups.keys() and "validation/CCC" in groups
+    for part in parts:  # a part's pixels are its sequences' pixels
+        assert groups[part]["pixels"] == sum(
+            report["pixels"] for name, report in groups.items() if name.startswith(f"{part}/")
+        )
+    assert groups["train-labelled"]["pixels"] + groups["train-unlabelled"]["pixels"] == 8 * 256 - 64
+    assert groups["validation"]["pixels"] == 2 * 256 - 64
+    labels = np.stack([np.asarray(image) for image in dataset["validation"]["label"]])
+    true_share = 100 * (labels == 1).sum() / (labels != 255).sum()
+    assert groups["validation"]["class_true_share"] == pytest.approx(true_share, abs=0.01)
+    assert 0 <= groups["validation"]["miou"] <= 100
