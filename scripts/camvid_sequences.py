@@ -17,10 +17,10 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import load_from_disk
 
+from cps_hf.data import decode_mask
 from cps_hf.data.splits import select_labeled_indices
 from cps_hf.inference import load_image_normalization, load_model, predict_segmentation
 from cps_hf.metrics import class_iou_and_accuracy, confusion_matrix
@@ -93,7 +93,7 @@ def main() -> None:
             for split, row in rows:
                 item = dataset[split][row]
                 prediction = predict_segmentation(model, item["image"], image_mean=mean, image_std=std)
-                labels = torch.from_numpy(np.asarray(item["label"], dtype=np.int64))
+                labels = decode_mask(item["label"], f"{split} row {row}")
                 matrix = confusion_matrix(prediction[None], labels[None], len(names)).cpu()
                 matrices[group] += matrix
                 matrices[group.split("/")[0]] += matrix  # the part's total, all sequences
