@@ -10,6 +10,8 @@ is the base only for the built-in synthetic data; `--dataset_name my_data ...` s
 plain `python` and `torchrun`.
 """
 
+from accelerate import PartialState
+
 from cps_hf.experiment import parse_experiment_arguments, run_experiment
 
 
@@ -19,6 +21,9 @@ def main() -> None:
     results = run_experiment(model_args, data_args, training_args)
     if training_args.process_index == 0 and "eval_mean_iou" in results:
         print(f"val mIoU: {100 * results['eval_mean_iou']:.2f}%  model saved to: {training_args.output_dir}")
+    # Left to interpreter exit, gloo's worker threads can outlive the process group and abort the process
+    # ("terminate called without an active exception") after a successful run.
+    PartialState().destroy_process_group()
 
 
 if __name__ == "__main__":
