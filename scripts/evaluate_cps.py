@@ -141,6 +141,8 @@ def main() -> None:
             output_path.parent.mkdir(parents=True, exist_ok=True)
             output_path.write_text(json.dumps(_json_ready(report), indent=2))
             print(f"Results written to {output_path}")
+    # As in train_cps.py: a process group left to interpreter exit can abort a finished process under gloo.
+    accelerator.end_training()
 
 
 if __name__ == "__main__":
